@@ -1,0 +1,43 @@
+"""Typed errors of the adapter store. Every one is a :class:`StoreError`.
+
+``subjectpaint.errors`` re-exports these, so SDK users catch one family.
+"""
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every error raised by ``adapters_store``."""
+
+
+class InvalidName(StoreError, ValueError):
+    """A subject name or ``name@version`` reference is not acceptable."""
+
+
+class InvalidAdapter(StoreError, ValueError):
+    """Tensors, metadata or an adapter file given to the store are not acceptable."""
+
+
+class AdapterNotFound(StoreError, LookupError):
+    """No adapter matches the name or ``name@version``."""
+
+    def __init__(self, ref: str, detail: str = ""):
+        self.ref = ref
+        super().__init__(f"adapter {ref!r} not found" + (f": {detail}" if detail else ""))
+
+
+class AdapterCorrupt(StoreError):
+    """A stored blob is missing, truncated or does not hash to what its row says."""
+
+    def __init__(self, ref: str, sha256: str, detail: str = ""):
+        self.ref = ref
+        self.sha256 = sha256
+        msg = f"adapter {ref} is corrupt: blob {sha256}"
+        super().__init__(msg + (f" {detail}" if detail else ""))
+
+
+class VersionExists(StoreError):
+    """A (subject, version) pair is already taken (raised only after retries are spent)."""
+
+
+class RegistryBusy(StoreError):
+    """The database stayed locked or contended for longer than the retry budget."""

@@ -1,0 +1,75 @@
+"""SQLAlchemy 2.0 models of the registry. Migrations in ``migrations/versions`` mirror this file."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String,
+                        UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAME_LENGTH = 128
+FINGERPRINT_LENGTH = 128
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON, datetime: DateTime(timezone=True)}
+
+
+class BaseModel(Base):
+    """A diffusion base an adapter can be trained on, identified by its fingerprint."""
+    __tablename__ = "base_models"
+    __table_args__ = (UniqueConstraint("fingerprint", name="uq_base_models_fingerprint"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_LENGTH))
+    name: Mapped[str | None] = mapped_column(String(256))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Subject(Base):
+    """A product: a unique name, display metadata, and a version counter that never goes back."""
+    __tablename__ = "subjects"
+    __table_args__ = (UniqueConstraint("name", name="uq_subjects_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    display: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    last_version: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+
+    adapters: Mapped[list["AdapterVersion"]] = relationship(
+        back_populates="subject", cascade="all, delete-orphan", passive_deletes=True)
+
+
+class AdapterVersion(Base):
+    """One registered adapter: a version of a subject pointing at a content-addressed blob."""
+    __tablename__ = "adapters"
+    __table_args__ = (
+        UniqueConstraint("subject_id", "version", name="uq_adapters_subject_version"),
+        Index("ix_adapters_sha256", "sha256"),
+        Index("ix_adapters_base_fingerprint", "base_fingerprint"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    subject_id: Mapped[int] = mapped_column(
+        ForeignKey("subjects.id", ondelete="CASCADE", name="fk_adapters_subject_id"))
+    version: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int | None] = mapped_column(Integer)
+    alpha: Mapped[float | None] = mapped_column(Float)
+    target_modules: Mapped[list[str] | None] = mapped_column(JSON)
+    dtype: Mapped[str] = mapped_column(String(32))
+    byte_size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    base_fingerprint: Mapped[str | None] = mapped_column(String(FINGERPRINT_LENGTH))
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    training: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+
+    subject: Mapped[Subject] = relationship(back_populates="adapters")

@@ -1,0 +1,162 @@
+"""Subject fidelity on the demo base: does a per-subject LoRA (3 retailer photos) place the product more faithfully
+than the base alone with the same exemplar?
+
+    OMP_WAIT_POLICY=PASSIVE python bench/subject_fidelity.py            # 5 held-out products x 20 held-out scenes
+    OMP_WAIT_POLICY=PASSIVE python bench/subject_fidelity.py --quick    # 2 products x 4 scenes, few steps
+    OMP_WAIT_POLICY=PASSIVE python bench/subject_fidelity.py --validate # tuning set (never the eval scenes)
+
+For each held-out product (HELDOUT_PRODUCT_SEEDS): `Subject.train(product_photos(product, 3))` on the demo base,
+then masked PSNR against the true composite on 20 held-out scenes: its 10 `heldout_scene_seeds` plus 10 more
+EVAL_SEEDS scenes (the rooms of the held-out product 50 places on, with this product placed instead), base alone
+vs base + adapter, same exemplar (the scene's own) and same sampling seed. The adapter is scored as trained
+(fp32) and in each storage form (fp16, int8, SVD-truncated) to measure the compression loss.
+
+`--validate` runs the same protocol on products outside both product splits and on training-split scene seeds:
+that is the set hyperparameters were chosen on. Last stdout line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from subjectpaint import Studio  # noqa: E402
+from subjectpaint.base import ExemplarInpainter  # noqa: E402
+from subjectpaint.demo.scenes import (HELDOUT_PRODUCT_SEEDS, TRAIN_SEEDS, Product, heldout_scene_seeds,  # noqa: E402
+                                      make_scene, product_photos)
+from subjectpaint.evaluate import format_table, masked_psnr  # noqa: E402
+from subjectpaint.subject import Subject  # noqa: E402
+from trainers import export  # noqa: E402
+
+VALIDATION_PRODUCTS = range(70_000_000, 70_000_100)  # in neither product split
+
+
+def scenes_for(product_seed: int, n: int, validate: bool, size: int):
+    product = Product.from_seed(product_seed)
+    if validate:
+        k = product_seed - VALIDATION_PRODUCTS.start
+        seeds = [TRAIN_SEEDS[900_000 + 37 * k + j] for j in range(n)]
+    else:
+        k = product_seed - HELDOUT_PRODUCT_SEEDS.start
+        seeds = heldout_scene_seeds(product_seed)
+        seeds += heldout_scene_seeds(HELDOUT_PRODUCT_SEEDS[(k + 50) % len(HELDOUT_PRODUCT_SEEDS)])
+        seeds = seeds[:n]
+    return product, [make_scene(s, size, product=product) for s in seeds]
+
+
+def place(studio, scenes, steps, seed, subject=None):
+    jobs = [(s.room, s.mask, s.exemplar) for s in scenes]
+    if subject is None:
+        placed = studio.inpaint_many(jobs, steps=steps, seed=seed, progress=False)
+    else:
+        with subject.applied(studio):
+            placed = studio.inpaint_many(jobs, steps=steps, seed=seed, progress=False)
+    return [masked_psnr(p.image, s.composite, s.mask) for p, s in zip(placed, scenes)]
+
+
+def variants(subject: Subject, energy: float):
+    """The adapter as trained, and in its storage forms (same metadata, re-encoded tensors)."""
+    out = {"fp32": subject}
+    for name, kw in (("fp16", {}), ("int8", {"int8": True}), (f"svd{energy}", {"energy": energy}),
+                     (f"svd{energy}+int8", {"energy": energy, "int8": True})):
+        stored, meta = export.compress(subject.tensors, subject.metadata, **kw)
+        out[name] = Subject(subject.name, subject.version, meta, export.dequantize(stored))
+        out[name].stored_bytes = sum(t.numel() * t.element_size() for t in stored.values())
+    out["fp32"].stored_bytes = sum(t.numel() * t.element_size() for t in subject.tensors.values())
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 products x 4 scenes, 40 training steps, 10 sampling steps")
+    ap.add_argument("--validate", action="store_true", help="tuning set: other products, training-split scenes")
+    ap.add_argument("--products", type=int, default=5)
+    ap.add_argument("--scenes", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: Subject.train's)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--targets", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
+    ap.add_argument("--sample-steps", type=int, default=25)
+    ap.add_argument("--energy", type=float, default=0.95)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base", default=None,
+                    help="default the demo base; 'tiny' for a smoke run; or a local Paint-by-Example directory")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.products, args.scenes, args.steps, args.sample_steps = 2, 4, args.steps or 40, 10
+    from subjectpaint.subject import DEFAULT_LR, DEFAULT_STEPS
+
+    steps, lr = args.steps or DEFAULT_STEPS, args.lr or DEFAULT_LR
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.base == "tiny":
+        base = ExemplarInpainter.tiny(0, 32)
+    elif args.base:
+        base = ExemplarInpainter.from_pretrained(args.base)
+    else:
+        base = ExemplarInpainter.demo()
+    size = base.resolution
+    products = (VALIDATION_PRODUCTS if args.validate else HELDOUT_PRODUCT_SEEDS)[: args.products]
+    rows, started = [], time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        from adapters_store import Registry
+
+        studio = Studio(base, registry=Registry(f"sqlite:///{tmp}/registry.db", os.path.join(tmp, "blobs")))
+        for ps in products:
+            product, scenes = scenes_for(ps, args.scenes, args.validate, size)
+            photos = [p.image.resize((size, size)) if p.image.width != size else p.image
+                      for p in product_photos(product, 3, size=64)]
+            t0 = time.time()
+            subject = Subject.train(photos, f"p{ps}", studio, rank=args.rank, steps=steps, batch_size=args.batch,
+                                    lr=lr, dropout=args.dropout, seed=args.seed, targets=tuple(args.targets), storage="fp32", detector=None,
+                                    progress=False)
+            train_s = time.time() - t0
+            base_psnr = place(studio, scenes, args.sample_steps, args.seed)
+            row = {"product": ps, "shape": product.shape, "scenes": len(scenes), "train_s": round(train_s, 1),
+                   "base": statistics.fmean(base_psnr)}
+            for name, variant in variants(subject, args.energy).items():
+                psnr = place(studio, scenes, args.sample_steps, args.seed, variant)
+                row[name] = statistics.fmean(psnr)
+                row[f"{name}_bytes"] = variant.stored_bytes
+            row["gain"] = row["int8"] - row["base"]
+            rows.append(row)
+            print(format_table([{k: v for k, v in row.items() if not k.endswith("_bytes")}]), flush=True)
+    names = [k for k in rows[0] if k not in ("product", "shape", "scenes", "train_s", "base", "gain")
+             and not k.endswith("_bytes")]
+    table = [{k: v for k, v in r.items() if not k.endswith("_bytes")} for r in rows]
+    mean = {"product": "mean", "shape": "", "scenes": sum(r["scenes"] for r in rows),
+            "train_s": round(statistics.fmean(r["train_s"] for r in rows), 1),
+            "base": statistics.fmean(r["base"] for r in rows),
+            **{n: statistics.fmean(r[n] for r in rows) for n in names}}
+    mean["gain"] = mean["int8"] - mean["base"]
+    print(format_table(table + [mean]))
+    summary = {
+        "bench": "subject_fidelity", "quick": args.quick, "validate": args.validate, "base": base.name,
+        "products": len(rows), "scenes_per_product": args.scenes, "train_steps": steps, "lr": lr,
+        "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "batch": args.batch, "sample_steps": args.sample_steps,
+        "psnr_base": round(mean["base"], 3),
+        **{f"psnr_{n}": round(mean[n], 3) for n in names},
+        "gain_db_default_storage": round(mean["int8"] - mean["base"], 3),
+        "gain_db_fp32": round(mean["fp32"] - mean["base"], 3),
+        "compression_loss_db": {n: round(mean["fp32"] - mean[n], 3) for n in names if n != "fp32"},
+        "goal_gain_db": 2.0, "goal_met": bool(mean["int8"] - mean["base"] >= 2.0),
+        "minutes": round((time.time() - started) / 60, 1),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Typed errors. Every error the SDK raises on bad input is a `SubjectPaintError`.
+
+Registry errors live in `adapters_store.errors` (that package knows nothing of diffusion) and are
+re-exported here when available, so users catch everything from one module.
+"""
+
+from __future__ import annotations
+
+
+class SubjectPaintError(Exception):
+    """Base class of every error subjectpaint raises on purpose."""
+
+
+class InvalidImage(SubjectPaintError, ValueError):
+    """An image (room, exemplar, product photo) that cannot be used: unreadable, empty, blank."""
+
+
+class InvalidMask(SubjectPaintError, ValueError):
+    """A mask or edit map that cannot be used: empty, wrong aspect ratio, wrong values."""
+
+
+class InvalidArgument(SubjectPaintError, ValueError):
+    """A parameter outside its allowed range or of the wrong kind."""
+
+
+class WeightsNotFound(SubjectPaintError, FileNotFoundError):
+    """Model weights missing, not safetensors, or not reachable (no hub access)."""
+
+
+class BaseMismatch(SubjectPaintError):
+    """An adapter trained for another base model."""
+
+
+# The registry's errors (adapters_store knows nothing of diffusion, so they derive from its own StoreError),
+# one import away for users. Catch `(SubjectPaintError, StoreError)` to catch everything raised on purpose.
+from adapters_store.errors import (  # noqa: E402,F401
+    AdapterCorrupt,
+    AdapterNotFound,
+    InvalidAdapter,
+    InvalidName,
+    RegistryBusy,
+    StoreError,
+    VersionExists,
+)
+
+ERRORS = (SubjectPaintError, StoreError)

@@ -1,0 +1,1 @@
+"""Placement sessions: thin configurations of the one sampler (subjectpaint.sampler)."""

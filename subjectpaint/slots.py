@@ -1,0 +1,340 @@
+"""Hot-swap LoRA slots: injected once at a maximum rank; a swap is one in-place tensor copy.
+
+Every target Linear (by default the UNet attention projections to_q, to_k, to_v, to_out.0) is wrapped once in
+a `SlotLinear` whose LoRA factors are *views into one flat buffer* shared by all slots. An adapter is laid out
+once (`Slots.layout`) into a flat tensor of the same layout -- A zero-padded to the max rank, B zero-padded and
+pre-multiplied by the adapter's scale -- so `activate` is a single `copy_` of that tensor, whatever the number
+of layers. Nothing is created or deleted per swap.
+
+Like PEFT's LoRA layer, a slot adds `B(A(x))` to the base output; it does nothing else. `deactivate()` skips the
+addition entirely, so the output is the base's bit for bit. A mixed batch (several subjects in one UNet call)
+stacks K laid-out adapters into a bank; each row gathers its own factors by index and the delta is one
+`bmm` pair per layer (no Python loop over rows). A regional pass (several subjects in ONE image) stacks K adapters
+as one rank-K*R factor pair per layer and scales each rank block per token by its region weight
+(`Slots.regional`, used by the progressive session's `place_many`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .errors import BaseMismatch, InvalidAdapter
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+# ------------------------------------------------------------------------------------------- adapters
+
+
+@dataclass
+class Adapter:
+    """LoRA factors keyed by the UNet module path: {path: (A (r, in), B (out, r), scale)}."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    base_fingerprint: str | None = None
+    name: str = "adapter"
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for a, _, _ in self.factors.values())
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, metadata: dict | None = None, name: str = "adapter") -> "Adapter":
+        """PEFT / diffusers (`unet.` prefix, lora_A/lora_B), old diffusers (lora.down/lora.up) and kohya
+        (lora_unet_*.lora_down/lora_up + .alpha) state dicts, converted once."""
+        metadata = dict(metadata or {})
+        sd = dict(state_dict)
+        if any(t.dtype == torch.int8 for t in sd.values()):  # int8 interchange files: dequantize once
+            from trainers.export import dequantize
+
+            sd = dequantize(sd)
+        alphas: dict[str, float] = {}
+        if any(k.startswith("lora_unet_") for k in sd):  # kohya: alphas per module, converted by diffusers
+            from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+
+            kohya_alphas = {k[: -len(".alpha")]: float(v) for k, v in sd.items() if k.endswith(".alpha")}
+            sd, _ = _convert_non_diffusers_lora_to_diffusers(sd)
+            sd = {k: v for k, v in sd.items() if k.startswith("unet.")}
+            for kname, value in kohya_alphas.items():
+                path = _kohya_path(kname)
+                if path:
+                    alphas[path] = value
+        if sd and not any(".lora_A." in k or ".lora_B." in k for k in sd):  # old diffusers attn-processor keys
+            from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+            sd = convert_unet_state_dict_to_peft(sd)
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in sd.items():
+            m = _KEY.match(key)
+            if not m:
+                raise InvalidAdapter(f"unrecognised LoRA key {key!r}")
+            path, kind = m.group("path"), m.group("kind")
+            slot = "A" if kind in ("lora_A", "lora.down", "lora_down") else "B"
+            pairs.setdefault(path, {})[slot] = tensor
+        peft_meta = _peft_metadata(metadata)
+        factors = {}
+        for path, ab in pairs.items():
+            if set(ab) != {"A", "B"}:
+                raise InvalidAdapter(f"{path}: LoRA needs both A (down) and B (up) factors")
+            a, b = ab["A"], ab["B"]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise InvalidAdapter(f"{path}: factor shapes {tuple(a.shape)} / {tuple(b.shape)} do not chain")
+            r = a.shape[0]
+            alpha = alphas.get(path, _alpha_for(path, peft_meta, r))
+            factors[path] = (a, b, alpha / r)
+        if not factors:
+            raise InvalidAdapter("no LoRA factors in the state dict")
+        return cls(factors, metadata.get("base_fingerprint"), name, metadata)
+
+    @classmethod
+    def from_file(cls, path, name: str | None = None) -> "Adapter":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        return cls.from_state_dict(sd, metadata, name or str(path))
+
+
+_KEY = re.compile(
+    r"^(?:unet\.)?(?P<path>.+?)\.(?P<kind>lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)(?:\.default)?\.weight$"
+)
+
+
+def _kohya_path(kohya_name: str) -> str | None:
+    from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key
+
+    converted = _convert_unet_lora_key(kohya_name + ".lora_down.weight")
+    m = _KEY.match(converted)
+    return m.group("path") if m else None
+
+
+def _peft_metadata(metadata: dict) -> dict:
+    raw = metadata.get("lora_adapter_metadata")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise InvalidAdapter("lora_adapter_metadata is not valid JSON") from None
+    raw = dict(raw or {})
+    # diffusers packs it per component ("unet.r", "unet.lora_alpha", ...) for load_lora_adapter(prefix="unet")
+    out = {k.removeprefix("unet."): v for k, v in raw.items() if "." not in k or k.startswith("unet.")}
+    for key in ("lora_alpha", "alpha"):  # flat interchange metadata
+        if key in metadata and "lora_alpha" not in out:
+            out["lora_alpha"] = float(metadata[key])
+    return out
+
+
+def _alpha_for(path: str, meta: dict, rank: int) -> float:
+    for pattern, value in (meta.get("alpha_pattern") or {}).items():
+        if re.search(rf"(^|\.){re.escape(pattern)}$", path) or path.endswith(pattern):
+            return float(value)
+    return float(meta.get("lora_alpha", rank))
+
+
+# ---------------------------------------------------------------------------------------------- slots
+
+
+class _SlotState:
+    """Shared by every slot of one UNet: flipping `active` or setting `rows` is O(1)."""
+
+    active = False
+    rows: torch.Tensor | None = None  # (B,) adapter index per batch row (mixed batches)
+    regions: "Regional | None" = None  # per-token adapter weights (several subjects in one image)
+
+
+class SlotLinear(nn.Module):
+    """base(x) + B(A(x)); A and B are views into the shared flat buffers. Scale is folded into B."""
+
+    def __init__(self, base: nn.Linear, state: _SlotState, A: torch.Tensor, B: torch.Tensor, offsets):
+        super().__init__()
+        self.base, self.state = base, state
+        self.A, self.B = A, B  # (R, in), (out, R) views, not parameters: swapping never touches the graph
+        self.offsets = offsets  # (a0, a1, b0, b1) into the flat layout, for the bank views
+        self.bank_A: torch.Tensor | None = None
+        self.bank_B: torch.Tensor | None = None
+
+    @property
+    def weight(self):  # attention processors read the projection's weight dtype / device
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        state = self.state
+        if state.rows is not None:
+            rows = state.rows
+            if x.shape[0] != rows.shape[0]:  # classifier-free guidance doubled the batch: [uncond; cond]
+                rows = rows.repeat(x.shape[0] // rows.shape[0])
+            a, b = self.bank_A[rows], self.bank_B[rows]  # (N, R, in), (N, out, R)
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+            return out + delta.reshape(out.shape)
+        if state.regions is not None:
+            return out + state.regions.delta(self, x)
+        if state.active:
+            # the same bmm pair as the mixed path (A, B broadcast over rows), so a mixed batch and a
+            # single-subject batch round identically
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            n = flat.shape[0]
+            delta = torch.bmm(torch.bmm(flat, self.A.t().expand(n, -1, -1)), self.B.t().expand(n, -1, -1))
+            return out + delta.reshape(out.shape)
+        return out
+
+
+class Slots:
+    """LoRA slots over a UNet. `activate(adapter)` / `deactivate()` / `with slots.mixed(adapters, rows)`."""
+
+    def __init__(self, unet: nn.Module, max_rank: int = 16, targets=DEFAULT_TARGETS, fingerprint: str | None = None):
+        self.unet, self.max_rank, self.targets = unet, int(max_rank), tuple(targets)
+        self.fingerprint = fingerprint
+        self.state = _SlotState()
+        self.active_name: str | None = None
+        modules = [(n, m) for n, m in unet.named_modules() if isinstance(m, nn.Linear) and _is_target(n, self.targets)]
+        if not modules:
+            raise InvalidAdapter(f"no Linear modules match the targets {self.targets}")
+        param = next(unet.parameters())
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self.offsets: dict[str, tuple[int, int, int, int]] = {}
+        total = 0
+        for name, lin in modules:
+            out_f, in_f = lin.weight.shape
+            a0, a1 = total, total + self.max_rank * in_f
+            b0, b1 = a1, a1 + out_f * self.max_rank
+            self.shapes[name], self.offsets[name], total = (in_f, out_f), (a0, a1, b0, b1), b1
+        self.flat = torch.zeros(total, device=param.device, dtype=param.dtype)
+        self.layers: dict[str, SlotLinear] = {}
+        for name, lin in modules:
+            in_f, out_f = self.shapes[name]
+            a0, a1, b0, b1 = self.offsets[name]
+            slot = SlotLinear(
+                lin, self.state, self.flat[a0:a1].view(self.max_rank, in_f), self.flat[b0:b1].view(out_f, self.max_rank),
+                self.offsets[name],
+            )
+            parent_name, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, slot)
+            self.layers[name] = slot
+
+    # ------------------------------------------------------------------ layout (once per adapter)
+
+    def layout(self, adapter: Adapter) -> torch.Tensor:
+        """Check every name, shape, rank and the base fingerprint, then lay the adapter out as one flat tensor
+        matching the slots (A zero-padded; B zero-padded and scaled). Raises before anything is touched."""
+        if adapter.base_fingerprint and self.fingerprint and adapter.base_fingerprint != self.fingerprint:
+            raise BaseMismatch(
+                f"adapter {adapter.name!r} was trained for base {adapter.base_fingerprint[:12]}..., "
+                f"this base is {self.fingerprint[:12]}..."
+            )
+        flat = torch.zeros_like(self.flat)
+        for path, (a, b, scale) in adapter.factors.items():
+            if path not in self.shapes:
+                raise InvalidAdapter(f"adapter {adapter.name!r} targets {path!r}, which has no slot in this UNet")
+            in_f, out_f = self.shapes[path]
+            r = a.shape[0]
+            if r > self.max_rank:
+                raise InvalidAdapter(f"adapter {adapter.name!r} has rank {r} > the slots' max rank {self.max_rank}")
+            if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+                raise InvalidAdapter(
+                    f"adapter {adapter.name!r}: {path} factors {tuple(a.shape)}/{tuple(b.shape)} do not fit "
+                    f"a {in_f}->{out_f} projection"
+                )
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise InvalidAdapter(f"adapter {adapter.name!r}: {path} has non-finite values")
+            a0, a1, b0, b1 = self.offsets[path]
+            flat[a0:a1].view(self.max_rank, in_f)[:r] = a.to(flat.dtype)
+            flat[b0:b1].view(out_f, self.max_rank)[:, :r] = (b.float() * scale).to(flat.dtype)
+        return flat
+
+    # ------------------------------------------------------------------ swap
+
+    def activate(self, adapter: Adapter | torch.Tensor, name: str | None = None) -> None:
+        """Make `adapter` (an Adapter, or a tensor from `layout`) the active one: one in-place copy."""
+        flat = adapter if isinstance(adapter, torch.Tensor) else self.layout(adapter)
+        if flat.shape != self.flat.shape:
+            raise InvalidAdapter(f"laid-out adapter has {flat.numel()} values, the slots hold {self.flat.numel()}")
+        self.flat.copy_(flat, non_blocking=True)
+        self.state.active = True
+        self.active_name = name or getattr(adapter, "name", "adapter")
+
+    def deactivate(self) -> None:
+        self.state.active = False
+        self.active_name = None
+
+    @contextlib.contextmanager
+    def mixed(self, adapters: list[Adapter | torch.Tensor], rows: torch.Tensor):
+        """Within the block, batch row i uses adapters[rows[i]] (-1: none). Adapters are stacked once."""
+        flats = [a if isinstance(a, torch.Tensor) else self.layout(a) for a in adapters]
+        bank = torch.stack(flats + [torch.zeros_like(self.flat)])  # the last entry: no adapter
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.flat.device)
+        if rows.ndim != 1 or (rows >= len(flats)).any() or (rows < -1).any():
+            raise InvalidAdapter(f"rows must index the {len(flats)} adapters (or -1 for none)")
+        rows = torch.where(rows < 0, torch.full_like(rows, len(flats)), rows)
+        for slot in self.layers.values():
+            a0, a1, b0, b1 = slot.offsets
+            slot.bank_A = bank[:, a0:a1].reshape(bank.shape[0], self.max_rank, -1)
+            slot.bank_B = bank[:, b0:b1].reshape(bank.shape[0], -1, self.max_rank)
+        self.state.rows = rows
+        try:
+            yield
+        finally:
+            self.state.rows = None
+            for slot in self.layers.values():
+                slot.bank_A = slot.bank_B = None
+
+
+    @contextlib.contextmanager
+    def regional(self, adapters: list[Adapter | torch.Tensor | None], weights):
+        """Within the block, every token of every row gets sum_k w_k(token) * B_k A_k x: K adapters blended by
+        spatial weights (several subjects in one image, one UNet call). `weights(x)` returns (N, K) weights for
+        an input x of N tokens (rows of weights sum to 1); None in `adapters` is a region without an adapter."""
+        flats = [torch.zeros_like(self.flat) if a is None else a if isinstance(a, torch.Tensor) else self.layout(a)
+                 for a in adapters]
+        if not flats:
+            raise InvalidAdapter("regional mode needs at least one region")
+        bank = torch.stack(flats)
+        self.state.regions = Regional(bank, weights, self.max_rank)
+        try:
+            yield self.state.regions
+        finally:
+            self.state.regions = None
+
+
+class Regional:
+    """K laid-out adapters as one rank-K*R LoRA per layer, the rank blocks scaled per token:
+    delta = ((x A_all^T) * w.repeat_interleave(R)) B_all^T = sum_k w_k B_k A_k x."""
+
+    def __init__(self, bank: torch.Tensor, weights, max_rank: int):
+        self.bank, self.weights, self.max_rank = bank, weights, max_rank
+        self.k = bank.shape[0]
+        self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def factors(self, slot: "SlotLinear") -> tuple[torch.Tensor, torch.Tensor]:
+        key = id(slot)
+        if key not in self._factors:
+            a0, a1, b0, b1 = slot.offsets
+            R, K = self.max_rank, self.k
+            a = self.bank[:, a0:a1].reshape(K * R, -1)  # (K*R, in)
+            b = self.bank[:, b0:b1].reshape(K, -1, R).permute(1, 0, 2).reshape(-1, K * R)  # (out, K*R)
+            self._factors[key] = (a.t().contiguous(), b.t().contiguous())
+        return self._factors[key]
+
+    def delta(self, slot: "SlotLinear", x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors(slot)
+        w = self.weights(x).to(x.dtype)  # (N, K) or (B, N, K)
+        h = torch.matmul(x, a)  # (..., N, K*R)
+        h = h * w.repeat_interleave(self.max_rank, dim=-1)
+        return torch.matmul(h, b)
+
+
+def _is_target(name: str, targets) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)

@@ -1,0 +1,52 @@
+"""Dual-branch grounding on the demo base: the user's mask is the scene's loose box around the product; the
+grounded mask must find the product inside it (must-show 2; the full 50-scene figure: bench/session_quality.py)."""
+
+import statistics
+
+import numpy as np
+import pytest
+
+from subjectpaint.base import DEMO_DIR
+from subjectpaint.demo.scenes import EVAL_SEEDS, make_scene
+
+pytestmark = pytest.mark.skipif(not (DEMO_DIR / "unet").is_dir(), reason="demo weights not trained yet")
+
+SEEDS = list(EVAL_SEEDS[:6])
+
+
+def iou(a, b):
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+@pytest.fixture(scope="module")
+def placed():
+    from subjectpaint.studio import Studio
+
+    studio = Studio.load()
+    session = studio.dual_branch(seed=0)
+    scenes = [make_scene(s, studio.base.resolution) for s in SEEDS]
+    return scenes, [session.place(sc.exemplar, sc.room, sc.mask) for sc in scenes]
+
+
+def test_grounded_mask_finds_the_product_inside_the_loose_box(placed):
+    scenes, outs = placed
+    grounded_iou, box_iou = [], []
+    for scene, out in zip(scenes, outs):
+        grounded = np.asarray(out.grounded_mask) > 127
+        user = np.asarray(scene.mask) > 127
+        silhouette = np.asarray(scene.silhouette) > 127
+        assert not (grounded & ~user).any()
+        grounded_iou.append(iou(grounded, silhouette))
+        box_iou.append(iou(user, silhouette))
+    assert statistics.mean(grounded_iou) >= 0.6, grounded_iou
+    assert min(grounded_iou) >= 0.4, grounded_iou
+    # grounding is not the box itself: it is much tighter than the user's loose box
+    assert statistics.mean(grounded_iou) > statistics.mean(box_iou) + 0.1
+
+
+def test_source_branch_reconstructs_the_room(placed):
+    from subjectpaint.evaluate import masked_psnr
+
+    scenes, outs = placed
+    for scene, out in zip(scenes, outs):
+        assert masked_psnr(out.source, scene.room, scene.mask) > 20.0

@@ -1,0 +1,71 @@
+"""SubjectDataModule: deterministic per sample, masks cover the product, composites vary, sampler splits ranks."""
+
+import numpy as np
+import pytest
+import torch
+
+from subjectpaint.demo.scenes import HELDOUT_PRODUCT_SEEDS, Product, make_room, product_photos
+from trainers.annotate import foreground_box
+from trainers.data import StepSampler, SubjectData, SubjectDataModule, prepare
+
+
+@pytest.fixture(scope="module")
+def data():
+    photos = [p.image for p in product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[2]), 3)]
+    notes = [foreground_box(p) for p in photos]
+    rooms = [make_room(s, 64) for s in range(6)]
+    return SubjectDataModule(photos, notes, size=64, reference_size=64, backgrounds=rooms, batch_size=4, seed=3)
+
+
+def test_sample_is_a_pure_function_of_seed_and_index(data):
+    a, b, c = data.dataset[17], data.dataset[17], data.dataset[18]
+    for key in ("target", "mask", "reference"):
+        assert torch.equal(a[key], b[key])
+    assert not torch.equal(a["reference"], c["reference"]) or not torch.equal(a["target"], c["target"])
+    other = SubjectData(data.cutouts, None, size=64, seed=4)
+    assert not torch.equal(other[17]["reference"], a["reference"])
+
+
+def test_shapes_ranges_and_mask_covers_the_product(data):
+    ds = data.dataset
+    composites = 0
+    for i in range(40):
+        item = ds[i]
+        assert item["target"].shape == (3, 64, 64) and item["mask"].shape == (1, 64, 64)
+        assert item["target"].min() >= -1 and item["target"].max() <= 1
+        assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+        frac = item["mask"].mean().item()
+        assert 0.02 < frac < 0.9
+        # the product (pixels unlike the photo backdrop) lies inside the mask
+        rgb = (item["target"] + 1) / 2 * 255
+        backdrop = torch.tensor(ds.cutouts[0].backdrop, dtype=torch.float32)[:, None, None]
+        if (rgb[:, :2, :] - backdrop).abs().max() > 40:  # a composite: a room behind the product
+            composites += 1
+    assert 10 < composites < 35  # both kinds of target occur (composite_p = 0.6)
+
+
+def test_reference_augmentation_varies_but_shows_the_product(data):
+    refs = torch.stack([data.dataset[i]["reference"] for i in range(12)])
+    assert refs.std(0).mean() > 0.05  # flips/rotations/blur differ between samples
+    assert refs.shape[1:] == (3, 64, 64)
+
+
+def test_prepare_squares_a_non_square_photo():
+    photo = product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[4]), 1, size=64)[0]
+    wide = photo.image.resize((96, 64))
+    note = foreground_box(wide)
+    cut = prepare(wide, note, 32)
+    assert cut.image.size == (32, 32) and cut.matte.shape == (32, 32)
+    x0, y0, x1, y1 = cut.box
+    assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32
+    assert cut.matte[y0:y1, x0:x1].mean() > 0.3
+
+
+def test_step_sampler_splits_ranks_and_resumes_at_a_step():
+    def take(s, n):
+        it = iter(s)
+        return [next(it) for _ in range(n)]
+
+    r0, r1 = take(StepSampler(4, 0, 2), 12), take(StepSampler(4, 1, 2), 12)
+    assert not set(r0) & set(r1) and sorted(r0 + r1) == list(range(24))
+    assert take(StepSampler(4, 0, 1, start_step=3), 4) == take(StepSampler(4, 0, 1), 16)[12:]

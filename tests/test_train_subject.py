@@ -1,0 +1,131 @@
+"""Subject.train / load / applied end to end on the tiny base; bad input writes nothing; CLI train."""
+
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from adapters_store import Registry
+from subjectpaint import Studio, Subject
+from subjectpaint.base import ExemplarInpainter
+from subjectpaint.cli import main
+from subjectpaint.demo.scenes import EVAL_SEEDS, HELDOUT_PRODUCT_SEEDS, Product, make_scene, product_photos
+from subjectpaint.errors import (BaseMismatch, InvalidArgument, InvalidImage, InvalidName, SubjectPaintError,
+                                 VersionExists)
+from subjectpaint.subject import SubjectExists
+
+FAST = dict(steps=3, batch_size=2, detector=None, progress=False)
+
+
+@pytest.fixture
+def studio(tmp_path, tiny_base):
+    registry = Registry(f"sqlite:///{tmp_path}/registry.db", str(tmp_path / "blobs"))
+    yield Studio(tiny_base, registry=registry)
+    registry.close()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [p.image.resize((32, 32)) for p in product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[5]), 3)]
+
+
+def blobs(tmp_path):
+    root = tmp_path / "blobs"
+    return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_train_registers_loads_and_places(studio, photos, tmp_path):
+    subject = Subject.train(photos, "blue-mug", studio, rank=4, alpha=8, **FAST)
+    assert subject.ref == "blue-mug@1" and studio.registry.count() == 1
+    md = subject.metadata
+    assert md["annotation_method"] == "background" and float(md["annotation_score"]) > 1
+    assert len(subject.annotations) == 3 and md["base_fingerprint"] == studio.base.fingerprint()
+    assert md["quantization"].startswith("int8") and subject.record.byte_size < 40_000
+    assert subject.exemplar.size == (32, 32)
+
+    loaded = Subject.load("blue-mug", studio)
+    assert loaded.version == 1 and loaded.tensors.keys() == subject.tensors.keys()
+    assert all(torch.equal(loaded.tensors[k], subject.tensors[k]) for k in subject.tensors)
+    assert loaded.exemplar.tobytes() == subject.exemplar.tobytes()
+
+    scene = make_scene(EVAL_SEEDS[0], 32, product=Product.from_seed(HELDOUT_PRODUCT_SEEDS[5]))
+    args = (scene.room, scene.mask, loaded.exemplar)
+    plain = np.asarray(studio.inpaint(*args, steps=2, seed=0, progress=False).image, dtype=np.int16)
+    with loaded.applied(studio):
+        placed = np.asarray(studio.inpaint(*args, steps=2, seed=0, progress=False).image, dtype=np.int16)
+    again = np.asarray(studio.inpaint(*args, steps=2, seed=0, progress=False).image, dtype=np.int16)
+    assert np.abs(placed - plain).max() > 0 and np.array_equal(again, plain)
+
+    second = Subject.train(photos[:2], "blue-mug", studio, new_version=True, **FAST)
+    assert second.version == 2 and Subject.load("blue-mug", studio).version == 2
+    assert Subject.load("blue-mug@1", studio).version == 1
+
+
+def test_adapter_for_another_base_is_refused(studio, photos, tmp_path):
+    Subject.train(photos[:2], "mug", studio, **FAST)
+    other = Studio(ExemplarInpainter.tiny(1), registry=studio.registry)
+    with pytest.raises(BaseMismatch):
+        Subject.load("mug", other)
+    subject = Subject.load("mug", studio)
+    with pytest.raises(BaseMismatch):
+        with subject.applied(other):
+            pass
+
+
+def corrupt_file(tmp_path):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 4)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["zero photos", "corrupt file", "uniform image", "missing file", "bad name",
+                                  "bad rank"])
+def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_path, case):
+    name, images, kw = "mug", list(photos), {}
+    expected = {"zero photos": InvalidArgument, "corrupt file": InvalidImage, "uniform image": InvalidImage,
+                "missing file": InvalidImage, "bad name": InvalidName, "bad rank": InvalidArgument}[case]
+    if case == "zero photos":
+        images = []
+    elif case == "corrupt file":
+        images[1] = corrupt_file(tmp_path)
+    elif case == "uniform image":
+        images[2] = PIL.Image.new("RGB", (32, 32), (230, 230, 230))
+    elif case == "missing file":
+        images[0] = str(tmp_path / "nope.png")
+    elif case == "bad name":
+        name = "../etc/passwd"
+    else:
+        kw["rank"] = 0
+    with pytest.raises(expected) as info:
+        Subject.train(images, name, studio, **{**FAST, **kw})
+    assert isinstance(info.value, (SubjectPaintError, InvalidName))
+    if case == "uniform image":
+        assert "photo 2" in str(info.value) and "no product" in str(info.value)
+    assert studio.registry.count() == 0 and blobs(tmp_path) == []
+
+
+def test_name_in_use_without_new_version(studio, photos, tmp_path):
+    Subject.train(photos[:2], "mug", studio, **FAST)
+    before = blobs(tmp_path)
+    with pytest.raises(SubjectExists) as info:
+        Subject.train(photos, "mug", studio, **FAST)
+    assert isinstance(info.value, VersionExists) and "new_version" in str(info.value)
+    assert studio.registry.count() == 1 and blobs(tmp_path) == before
+
+
+def test_cli_train(tmp_path, photos, capsys):
+    paths = []
+    for i, photo in enumerate(photos[:2]):
+        paths.append(str(tmp_path / f"p{i}.png"))
+        photo.save(paths[-1])
+    store = ["--registry", f"sqlite:///{tmp_path}/cli.db", "--blobs", str(tmp_path / "cli-blobs")]
+    argv = ["train", "lamp", *paths, "--base", "tiny", "--steps", "2", "--no-detr", "-q", *store]
+    assert main(argv) == 0
+    assert main(argv) == 1  # the name is taken now
+    assert "SubjectExists" in capsys.readouterr().err
+    assert main(argv + ["--new-version"]) == 0
+    with Registry(store[1], store[3]) as registry:
+        assert registry.get("lamp").version == 2
+    assert main(["train", "bad", str(tmp_path / "missing.png"), "--base", "tiny", "-q", *store]) == 1

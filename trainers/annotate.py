@@ -1,0 +1,201 @@
+"""Product boxes for the training photos: DETR (transformers) first, a background-colour foreground box as the
+fallback (the LoRA paper annotates with facebook/detr-resnet-50; retail photos have plain backdrops, so when DETR
+is unavailable or unsure the backdrop itself tells where the product is).
+
+    annotator = Annotator()                       # DETR from the hub/local dir if it loads, else fallback only
+    note = annotator(photo)                       # Annotation(box, foreground, method, score, label)
+
+`foreground_box(image)` is the fallback: fit the backdrop as a colour plane (per-channel a + b*x + c*y, robust to
+gradients) to the border pixels, mark pixels far from it (noise-scaled threshold, hysteresis to keep soft edges),
+drop specks, fill holes, and take the box. A photo with no such region raises `NoProductFound`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+import torch.nn.functional as F
+
+DETR_DEFAULT = "facebook/detr-resnet-50"
+
+
+class NoProductFound(ValueError):
+    """No product could be located in a photo (uniform image, no distinct backdrop)."""
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """Where the product is in one photo. `foreground` is an (H, W) float mask in [0, 1] (the product's matte as
+    far as the backdrop tells it; the box filled when it cannot)."""
+
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1/y1 exclusive)
+    foreground: np.ndarray
+    method: str  # "detr" or "background"
+    score: float  # DETR class probability, or the backdrop contrast (foreground residual / threshold)
+    label: str | None = None
+
+    def as_metadata(self) -> dict:
+        return {"box": list(self.box), "method": self.method, "score": round(float(self.score), 4),
+                "label": self.label}
+
+
+# ---------------------------------------------------------------------------------------------- fallback
+
+
+def _border(h: int, w: int, width: int) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[:width], m[-width:], m[:, :width], m[:, -width:] = True, True, True, True
+    return m
+
+
+def _plane_residual(img: np.ndarray, width: int) -> tuple[np.ndarray, float]:
+    """Distance of every pixel from the backdrop plane fitted (robustly) to the border; and the noise scale."""
+    h, w, _ = img.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    design = np.stack([np.ones_like(xx), xx / w, yy / h], -1).reshape(-1, 3)
+    pixels = img.reshape(-1, 3).astype(np.float64)
+    use = _border(h, w, width).reshape(-1)
+    for _ in range(3):  # refit without border pixels the product covers
+        coef, *_ = np.linalg.lstsq(design[use], pixels[use], rcond=None)
+        resid = np.linalg.norm(pixels - design @ coef, axis=1)
+        border = _border(h, w, width).reshape(-1)
+        med = np.median(resid[border])
+        sigma = 1.4826 * np.median(np.abs(resid[border] - med)) + 1e-6
+        use = border & (resid < med + 4 * sigma)
+        if use.sum() < 8:
+            break
+    noise = float(np.median(resid[use])) if use.any() else float(med)
+    return resid.reshape(h, w), max(noise, 0.5)
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.max_pool2d(t, 2 * r + 1, stride=1, padding=r)[0, 0].numpy() > 0
+
+
+def _erode(mask: np.ndarray, r: int) -> np.ndarray:
+    return ~_dilate(~mask, r)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Background = what a flood fill from the border reaches through non-mask pixels; the rest is product."""
+    h, w = mask.shape
+    canvas = PIL.Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L").copy()  # writable
+    border = [(x, y) for x in range(w) for y in (0, h - 1)] + [(x, y) for y in range(h) for x in (0, w - 1)]
+    for xy in border:
+        if canvas.getpixel(xy) == 0:
+            PIL.ImageDraw.floodfill(canvas, xy, 128)
+    return np.asarray(canvas) != 128
+
+
+def foreground_box(image: PIL.Image.Image, min_area: float = 0.002, max_area: float = 0.97) -> Annotation:
+    """The product's box from the photo's backdrop colour (border pixels; slight gradients and noise tolerated)."""
+    img = np.asarray(image.convert("RGB"), dtype=np.float32)
+    h, w, _ = img.shape
+    if min(h, w) < 8:
+        raise NoProductFound(f"photo is too small ({w}x{h})")
+    width = max(1, round(0.02 * min(h, w)))
+    resid, noise = _plane_residual(img, width)
+    strong = resid > max(8.0 * noise, 12.0)
+    strong = _dilate(_erode(strong, 1), 1) if min(h, w) >= 24 else strong  # opening: no isolated noise pixels
+    if strong.sum() < max(4, min_area * h * w):
+        raise NoProductFound("no region differs from the photo's backdrop (a uniform or near-uniform image?)")
+    weak = resid > max(6.0 * noise, 6.0)
+    core = strong
+    for _ in range(2):  # hysteresis: soft edge pixels adjacent to the core belong to the product
+        core = core | (_dilate(core, 1) & weak)
+    filled = _fill_holes(core)
+    area = filled.mean()
+    if area > max_area:
+        raise NoProductFound("the whole photo differs from its border: no plain backdrop to find the product on")
+    ys, xs = np.nonzero(filled)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    matte = np.clip((resid - 3.0 * noise) / max(8.0 * noise, 12.0), 0.0, 1.0)
+    matte = np.where(_fill_holes(strong), 1.0, matte) * filled
+    score = float(np.median(resid[strong]) / max(8.0 * noise, 12.0))
+    return Annotation(box, matte.astype(np.float32), "background", score)
+
+
+# ------------------------------------------------------------------------------------------------- DETR
+
+
+class Annotator:
+    """DETR boxes with the backdrop fallback.
+
+    `detector`: a hub id or local directory (default facebook/detr-resnet-50), a loaded `DetrForObjectDetection`,
+    or None for the fallback only. A detector that cannot be loaded (no network, no weights) is noted in
+    `self.detector_error` and the fallback is used. `labels`: only accept DETR classes with these names
+    (e.g. {"cup", "vase"}); `min_score`: below it, the fallback decides.
+    """
+
+    def __init__(self, detector: str | os.PathLike | torch.nn.Module | None = DETR_DEFAULT, processor=None,
+                 labels: set[str] | None = None, min_score: float = 0.7, local_files_only: bool | None = None):
+        self.model, self.processor, self.detector_error = None, processor, None
+        self.labels = {s.lower() for s in labels} if labels else None
+        self.min_score = float(min_score)
+        if isinstance(detector, torch.nn.Module):
+            self.model = detector.eval()
+        elif detector is not None:
+            self._load(str(detector), local_files_only)
+        if self.model is not None and self.processor is None:
+            from transformers import DetrImageProcessor
+
+            self.processor = DetrImageProcessor()
+
+    def _load(self, source: str, local_files_only: bool | None) -> None:
+        from transformers import DetrForObjectDetection, DetrImageProcessor
+
+        if local_files_only is None:
+            local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        try:
+            self.model = DetrForObjectDetection.from_pretrained(source, local_files_only=local_files_only,
+                                                                use_safetensors=True).eval()
+            self.processor = DetrImageProcessor.from_pretrained(source, local_files_only=local_files_only)
+        except Exception as exc:  # no network / no weights / not safetensors: the fallback will do
+            self.model, self.detector_error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+    @torch.no_grad()
+    def detect(self, image: PIL.Image.Image) -> tuple[tuple[int, int, int, int], float, str] | None:
+        """The most confident non-background DETR box (of an accepted class), or None."""
+        if self.model is None:
+            return None
+        image = image.convert("RGB")
+        inputs = self.processor(images=image, return_tensors="pt")
+        outputs = self.model(**inputs)
+        found = self.processor.post_process_object_detection(
+            outputs, threshold=0.0, target_sizes=[(image.height, image.width)])[0]
+        names = self.model.config.id2label
+        best = None
+        for score, label, box in zip(found["scores"].tolist(), found["labels"].tolist(), found["boxes"].tolist()):
+            name = str(names.get(int(label), label)).lower()
+            if self.labels is not None and name not in self.labels:
+                continue
+            x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
+            x1, y1 = min(image.width, int(np.ceil(box[2]))), min(image.height, int(np.ceil(box[3])))
+            if x1 - x0 < 2 or y1 - y0 < 2:
+                continue
+            if best is None or score > best[1]:
+                best = ((x0, y0, x1, y1), float(score), name)
+        return best
+
+    def __call__(self, image: PIL.Image.Image) -> Annotation:
+        """Annotate one photo; raises NoProductFound when neither DETR nor the backdrop finds a product."""
+        detected = self.detect(image)
+        if detected is not None and detected[1] >= self.min_score:
+            box, score, label = detected
+            x0, y0, x1, y1 = box
+            fg = np.zeros((image.height, image.width), np.float32)
+            try:  # the backdrop's matte inside the DETR box, when there is a backdrop
+                matte = foreground_box(image).foreground
+                fg[y0:y1, x0:x1] = matte[y0:y1, x0:x1]
+            except NoProductFound:
+                pass
+            if fg[y0:y1, x0:x1].mean() < 0.2:
+                fg[y0:y1, x0:x1] = 1.0
+            return Annotation(box, fg, "detr", score, label)
+        return foreground_box(image)

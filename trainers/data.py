@@ -1,0 +1,212 @@
+"""SubjectDataModule: a few product photos -> Paint-by-Example training samples (shared/papers/paint-by-example.txt
+3.2.2, shared/papers/lora-image-guided-inpainting.txt 4.1/4.3).
+
+Every sample is (target, mask, reference):
+- target: a photo itself, or the product cut out with its foreground matte and composited onto a background
+  (any list of images; `Subject.train` passes demo rooms), at a random scale, position and brightness;
+- mask: the product's box grown by a random margin, as a box mask or the paper's Bezier mask (never cutting
+  into the product);
+- reference: a square crop around the product in one of the photos, augmented with torchvision v2 (horizontal
+  flip 0.5, rotation up to 20 degrees, blur 0.3, elastic 0.3) and normalised for the image encoder.
+
+Sample `i` is a pure function of `(seed, i)`; `StepSampler` hands step `s` on rank `r` its own ids, starting at
+the Trainer's restored step, so data order and augmentation are the same in an interrupted-and-resumed run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from subjectpaint.masks import bezier_mask, box_mask
+
+from .annotate import Annotation
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_unit(img: PIL.Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32).transpose(2, 0, 1).copy()) / 255.0
+
+
+@dataclass(frozen=True)
+class Cutout:
+    """One photo prepared for training: square `image` at the training size, the product `box` in it, its
+    `matte` (H, W) in [0, 1] and the backdrop colour (for padding references)."""
+
+    image: PIL.Image.Image
+    box: tuple[int, int, int, int]
+    matte: np.ndarray
+    backdrop: tuple[int, int, int]
+
+
+def prepare(photo: PIL.Image.Image, note: Annotation, size: int) -> Cutout:
+    """Square crop around the product (as large as the photo allows), resized to `size`."""
+    photo = photo.convert("RGB")
+    w, h = photo.size
+    x0, y0, x1, y1 = note.box
+    side = max(min(w, h), x1 - x0, y1 - y0)
+    left = int(np.clip((x0 + x1) // 2 - side // 2, min(0, w - side), max(0, w - side)))
+    top = int(np.clip((y0 + y1) // 2 - side // 2, min(0, h - side), max(0, h - side)))
+    arr = np.asarray(photo)
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    backdrop = tuple(int(v) for v in np.median(border, axis=0))
+    canvas = PIL.Image.new("RGB", (side, side), backdrop)
+    canvas.paste(photo, (-left, -top))
+    matte = PIL.Image.new("F", (side, side), 0.0)
+    matte.paste(PIL.Image.fromarray(note.foreground.astype(np.float32), "F"), (-left, -top))
+    k = size / side
+    box = (int(np.floor((x0 - left) * k)), int(np.floor((y0 - top) * k)),
+           min(size, int(np.ceil((x1 - left) * k))), min(size, int(np.ceil((y1 - top) * k))))
+    if side != size:
+        canvas = canvas.resize((size, size), PIL.Image.BICUBIC)
+        matte = matte.resize((size, size), PIL.Image.BILINEAR)
+    return Cutout(canvas, box, np.clip(np.asarray(matte, dtype=np.float32), 0, 1), backdrop)
+
+
+class SubjectData(Dataset):
+    """Item i (any int >= 0) is a pure function of (seed, i). `len()` is nominal (one epoch's worth)."""
+
+    reference_augment = v2.Compose([
+        v2.RandomHorizontalFlip(0.5),
+        v2.RandomRotation(20, fill=1.0),
+        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.3),
+        v2.RandomApply([v2.ElasticTransform(alpha=20.0, sigma=5.0, fill=1.0)], p=0.3),
+    ])
+
+    def __init__(self, cutouts: list[Cutout], backgrounds: list[PIL.Image.Image] | None = None, *,
+                 size: int, reference_size: int | None = None, seed: int = 0, composite_p: float = 0.6,
+                 bezier_p: float = 0.5, mean=CLIP_MEAN, std=CLIP_STD, length: int = 1 << 30):
+        if not cutouts:
+            raise ValueError("SubjectData needs at least one photo")
+        self.cutouts, self.size, self.seed, self.length = cutouts, size, seed, length
+        self.backgrounds = [b.convert("RGB").resize((size, size), PIL.Image.BICUBIC) for b in backgrounds or []]
+        self.composite_p = composite_p if self.backgrounds else 0.0
+        self.reference_size = reference_size or size
+        self.bezier_p, self.mean, self.std = bezier_p, tuple(mean), tuple(std)
+
+    def __len__(self):
+        return self.length
+
+    # -------------------------------------------------------------------------------------- pieces
+
+    def composite(self, cut: Cutout, rng: np.random.Generator) -> tuple[PIL.Image.Image, tuple[int, int, int, int]]:
+        """The product from `cut` pasted onto a random background: height 25-60% of the frame, standing in the
+        lower part, random horizontal flip and brightness."""
+        S = self.size
+        x0, y0, x1, y1 = cut.box
+        product = np.asarray(cut.image, dtype=np.float32)[y0:y1, x0:x1] / 255
+        matte = cut.matte[y0:y1, x0:x1]
+        if rng.random() < 0.5:
+            product, matte = product[:, ::-1], matte[:, ::-1]
+        pw, ph = x1 - x0, y1 - y0
+        k = min(rng.uniform(0.25, 0.6) * S / ph, 0.8 * S / pw)
+        nw, nh = max(2, round(pw * k)), max(2, round(ph * k))
+        product = np.asarray(PIL.Image.fromarray((product * 255).round().astype(np.uint8)).resize((nw, nh), PIL.Image.BICUBIC),
+                             dtype=np.float32) / 255 * rng.uniform(0.85, 1.15)
+        matte = np.asarray(PIL.Image.fromarray(np.ascontiguousarray(matte), "F").resize((nw, nh), PIL.Image.BILINEAR))
+        matte = np.clip(matte, 0, 1)[..., None]
+        x = int(rng.integers(0, S - nw + 1))
+        bottom = int(rng.integers(min(S, max(nh, int(0.55 * S))), S + 1))
+        y = bottom - nh
+        room = np.asarray(self.backgrounds[int(rng.integers(len(self.backgrounds)))], dtype=np.float32) / 255
+        room = room.copy()
+        win = room[y:y + nh, x:x + nw]
+        room[y:y + nh, x:x + nw] = win * (1 - matte) + np.clip(product, 0, 1) * matte
+        image = PIL.Image.fromarray((room * 255).round().clip(0, 255).astype(np.uint8), "RGB")
+        return image, (x, y, x + nw, y + nh)
+
+    def mask(self, box, rng: np.random.Generator) -> torch.Tensor:
+        S = self.size
+        x0, y0, x1, y1 = box
+        m = [int(rng.integers(0, max(1, round(0.08 * S)) + 1)) for _ in range(4)]
+        grown = (max(0, x0 - m[0]), max(0, y0 - m[1]), min(S, x1 + m[2]), min(S, y1 + m[3]))
+        if rng.random() < self.bezier_p:
+            sub = np.random.default_rng(int(rng.integers(2**31)))
+            mask = bezier_mask((S, S), grown, sub, max_offset=max(1, round(5 * S / 512) + 1))
+            return torch.maximum(mask, box_mask((S, S), box))  # never cut into the product
+        return box_mask((S, S), grown)
+
+    def reference(self, cut: Cutout) -> torch.Tensor:
+        """Square crop with a 25% margin around the product, backdrop-padded (what a retailer exemplar shows)."""
+        x0, y0, x1, y1 = cut.box
+        side = int(max(x1 - x0, y1 - y0) * 1.25) + 2
+        left, top = (x0 + x1) // 2 - side // 2, (y0 + y1) // 2 - side // 2
+        canvas = PIL.Image.new("RGB", (side, side), cut.backdrop)
+        canvas.paste(cut.image, (-left, -top))
+        return to_unit(canvas.resize((self.reference_size, self.reference_size), PIL.Image.BICUBIC))
+
+    # ---------------------------------------------------------------------------------------- item
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, int(i)])
+        cut = self.cutouts[int(rng.integers(len(self.cutouts)))]
+        if rng.random() < self.composite_p:
+            image, box = self.composite(cut, rng)
+        else:
+            image, box = cut.image, cut.box
+        mask = self.mask(box, rng)
+        ref_cut = self.cutouts[int(rng.integers(len(self.cutouts)))]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2**31)))
+            reference = self.reference_augment(self.reference(ref_cut)).clamp(0, 1)
+        reference = v2.functional.normalize(reference, self.mean, self.std)
+        return {"target": to_unit(image) * 2 - 1, "mask": mask[None], "reference": reference,
+                "index": torch.tensor(int(i))}
+
+
+class StepSampler(Sampler[int]):
+    """The sample ids of optimizer step s on rank r of W are ((s * W + r) * batch + j for j < batch), from
+    `start_step` on, without end and without a length (Lightning treats the loader as infinite; `max_steps` stops it). The data module starts it at the Trainer's
+    (restored) global step, so a resumed run sees exactly the samples an uninterrupted one would."""
+
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, start_step: int = 0):
+        self.batch_size, self.rank, self.world_size, self.start_step = batch_size, rank, world_size, start_step
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            first = (step * self.world_size + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
+            step += 1
+
+
+class SubjectDataModule(L.LightningDataModule):
+    """Photos + their annotations -> an endless training DataLoader of `batch_size` per process (one epoch; the
+    Trainer's `max_steps` ends it). Use with `Trainer(use_distributed_sampler=False)` (`trainers.lora_module.
+    make_trainer` does): the sampler splits data by rank and starts at the Trainer's restored global step."""
+
+    def __init__(self, photos: list[PIL.Image.Image], annotations: list[Annotation], *, size: int,
+                 reference_size: int | None = None, backgrounds: list[PIL.Image.Image] | None = None,
+                 batch_size: int = 8, seed: int = 0, composite_p: float = 0.6,
+                 bezier_p: float = 0.5, mean=CLIP_MEAN, std=CLIP_STD, num_workers: int = 0):
+        super().__init__()
+        if len(photos) != len(annotations) or not photos:
+            raise ValueError("need one annotation per photo and at least one photo")
+        self.cutouts = [prepare(p, a, size) for p, a in zip(photos, annotations)]
+        self.dataset = SubjectData(self.cutouts, backgrounds, size=size, reference_size=reference_size, seed=seed,
+                                   composite_p=composite_p, bezier_p=bezier_p, mean=mean, std=std)
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    @classmethod
+    def for_base(cls, base, photos, annotations, **kw) -> "SubjectDataModule":
+        """Sizes and normalisation from an `ExemplarInpainter` (its resolution and CLIP feature extractor)."""
+        fe = base.feature_extractor
+        crop = fe.crop_size
+        ref = int(crop["height"]) if not isinstance(crop, (int, float)) else int(crop)
+        return cls(photos, annotations, size=base.resolution, reference_size=ref, mean=fe.image_mean,
+                   std=fe.image_std, **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        rank, world, step = (trainer.global_rank, trainer.world_size, trainer.global_step) if trainer else (0, 1, 0)
+        sampler = StepSampler(self.batch_size, rank, world, start_step=step)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=False)

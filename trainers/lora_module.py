@@ -1,0 +1,140 @@
+"""SubjectLoRAModule: PEFT LoRA on the base UNet's attention projections, trained with Paint by Example's
+objective (shared/papers/lora-image-guided-inpainting.txt 4.2; paint-by-example.txt 3.2.4).
+
+The base (VAE, UNet weights, image encoder) is frozen; only the LoRA factors train. One step: VAE-encode the
+target and the masked target, encode the augmented reference, replace the condition by the learned
+unconditional vector 20% of the time, noise the latents under the DDPM schedule, predict the noise from the
+9-channel input (noisy latent 4 + masked-image latent 4 + keep-mask 1), MSE. All randomness of a step (VAE
+sampling, noise, timesteps, condition drop, LoRA dropout) comes from `(seed, global_step, rank)`, so a resumed
+run continues exactly. Lightning owns the loop, checkpoints and progress bar (`make_trainer`, `fit`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from subjectpaint.base import ExemplarInpainter, pbe_scheduler
+
+ADAPTER = "subject"
+# The frozen VAE and image encoder stay in eval mode on purpose; Lightning's notice about it is noise here.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def lora_config(rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
+                targets=DEFAULT_TARGETS) -> LoraConfig:
+    return LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank), lora_dropout=float(dropout),
+                      target_modules=list(targets), init_lora_weights=True)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + int(rank) * 104_729) % (2**63 - 1)
+
+
+class SubjectLoRAModule(L.LightningModule):
+    """LoRA on a copy of `base.unet` (the base itself is left untouched).
+
+    rank, alpha (default = rank), dropout, targets: the LoRA; lr, weight_decay: AdamW; drop: condition-drop
+    probability (the paper's 20%); seed: all per-step randomness.
+    """
+
+    def __init__(self, base: ExemplarInpainter, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
+                 targets=DEFAULT_TARGETS, lr: float = 1e-3, weight_decay: float = 0.0, drop: float = 0.2,
+                 seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["base"])
+        self.vae = base.vae.eval().requires_grad_(False)
+        self.image_encoder = base.image_encoder.eval().requires_grad_(False)
+        self.unet = copy.deepcopy(base.unet).eval().requires_grad_(False)
+        self.config = lora_config(rank, alpha, dropout, targets)
+        with torch.random.fork_rng(devices=[]):  # the LoRA init (A ~ Kaiming, B = 0) is a function of the seed
+            torch.manual_seed(seed)
+            self.unet.add_adapter(self.config, adapter_name=ADAPTER)
+        self.noise = DDPMScheduler.from_config(pbe_scheduler().config)
+        self.lr, self.weight_decay, self.drop, self.seed = lr, weight_decay, drop, seed
+        self.strict_loading = False  # checkpoints hold only the LoRA factors (see on_save_checkpoint)
+
+    # ------------------------------------------------------------------------------------- the step
+
+    def on_train_start(self):
+        self.unet.train()  # LoRA dropout on (the frozen UNet itself has no dropout); VAE and encoder stay eval
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # LoRA dropout draws from the global generator: pin it to the step too
+        torch.manual_seed(_step_seed(self.seed, self.global_step, self.global_rank) + 1)
+
+    def training_step(self, batch, batch_idx):
+        target, mask, reference = batch["target"], batch["mask"], batch["reference"]
+        b, device = target.shape[0], target.device
+        g = torch.Generator(device=device).manual_seed(_step_seed(self.seed, self.global_step, self.global_rank))
+        scale = self.vae.config.scaling_factor
+        dtype = self.unet.dtype
+        with torch.no_grad():
+            keep = 1.0 - (mask > 0.5).float()
+            latents = self.vae.encode(target.to(dtype)).latent_dist.sample(generator=g) * scale
+            masked = self.vae.encode((target * keep).to(dtype)).latent_dist.sample(generator=g) * scale
+            cond = self.image_encoder(reference.to(dtype))
+            uncond = self.image_encoder.uncond_vector.to(cond.dtype).expand_as(cond)
+            dropped = torch.rand(b, 1, 1, generator=g, device=device) < self.drop
+            cond = torch.where(dropped, uncond, cond)
+            keep_small = F.interpolate(keep, size=latents.shape[-2:]).to(dtype)
+            noise = torch.randn(latents.shape, generator=g, device=device, dtype=latents.dtype)
+            t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=g, device=device)
+            noisy = self.noise.add_noise(latents, noise, t)
+        pred = self.unet(torch.cat([noisy, masked, keep_small], 1), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        self.log("loss", loss, prog_bar=True, batch_size=b)
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    # ------------------------------------------------------------------------------ checkpoints, export
+
+    def on_save_checkpoint(self, checkpoint):
+        trainable = {f"unet.{n}" for n, p in self.unet.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """PEFT keys with the `unet.` prefix, as diffusers' `get_peft_model_state_dict` + pipeline save produce."""
+        sd = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER)
+        return {f"unet.{k}": v.detach().float().cpu().clone() for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+def make_trainer(steps: int, workdir: str | os.PathLike | None = None, *, every: int = 50, progress: bool = True,
+                 strategy="auto", devices: int | str = 1, accelerator: str = "cpu", callbacks=(),
+                 **kwargs) -> L.Trainer:
+    """A Trainer for `steps` optimizer steps; with `workdir`, a checkpoint (`last.ckpt`) every `every` steps.
+    `use_distributed_sampler=False`: `SubjectDataModule`'s sampler splits data by rank itself."""
+    callbacks = list(callbacks)
+    if workdir is not None:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=str(workdir), save_last="link", save_top_k=1,
+                                                             every_n_train_steps=every))
+    return L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=devices, strategy=strategy,
+                     logger=False, enable_model_summary=False, enable_progress_bar=progress,
+                     enable_checkpointing=workdir is not None, use_distributed_sampler=False,
+                     num_sanity_val_steps=0, callbacks=callbacks, **kwargs)
+
+
+def fit(module: SubjectLoRAModule, data: L.LightningDataModule, steps: int,
+        workdir: str | os.PathLike | None = None, *, resume: bool = True, **trainer_kwargs) -> L.Trainer:
+    """Train (or, with `resume` and a `last.ckpt` in `workdir`, continue training) to `steps` steps."""
+    trainer = make_trainer(steps, workdir, **trainer_kwargs)
+    last = Path(workdir) / "last.ckpt" if workdir is not None else None
+    ckpt = str(last) if resume and last is not None and last.exists() else None
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    return trainer
