@@ -137,6 +137,9 @@ def upgrade(engine: Engine, revision: str = "head", backup: bool = True) -> str 
 
 
 def _run_upgrade(engine: Engine, revision: str) -> None:
+    if engine.dialect.name == "sqlite":
+        _run_sqlite_upgrade(engine, revision)
+        return
     with engine.execution_options(**WRITE).begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(7468392015)"))
@@ -144,3 +147,21 @@ def _run_upgrade(engine: Engine, revision: str) -> None:
                     head_revision() if revision == "head" else revision):
                 return
         command.upgrade(alembic_config(conn), revision)
+
+
+def _run_sqlite_upgrade(engine: Engine, revision: str) -> None:
+    """SQLite's own recipe for schema changes: foreign keys off (only possible outside a transaction),
+    migrate in one transaction, ``PRAGMA foreign_key_check`` before the commit, foreign keys back on.
+    Without it, rebuilding a table (Alembic batch mode) drops the old one, and that DROP would cascade
+    ``ON DELETE`` into the tables that reference it."""
+    with engine.execution_options(**WRITE).connect() as conn:
+        raw = conn.connection.dbapi_connection
+        raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                command.upgrade(alembic_config(conn), revision)
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise StoreError(f"schema upgrade would break foreign keys: {broken[:5]}")
+        finally:
+            raw.execute("PRAGMA foreign_keys=ON")

@@ -41,3 +41,11 @@ class VersionExists(StoreError):
 
 class RegistryBusy(StoreError):
     """The database stayed locked or contended for longer than the retry budget."""
+
+
+class TenantNotFound(StoreError, LookupError):
+    """No tenant of that name (registry views and API keys are bound to an existing tenant)."""
+
+
+class InvalidKey(StoreError, PermissionError):
+    """An API key that is missing, malformed, unknown or revoked. Says nothing about which."""

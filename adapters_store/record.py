@@ -24,6 +24,7 @@ class AdapterRecord:
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     training: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     metrics: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    tenant: str = "default"
 
     @property
     def ref(self) -> str:
@@ -38,11 +39,11 @@ class GcReport:
     kept_blobs: int
 
 
-def record_from_row(row: AdapterVersion, name: str) -> AdapterRecord:
+def record_from_row(row: AdapterVersion, name: str, tenant: str = "default") -> AdapterRecord:
     created = row.created if row.created.tzinfo else row.created.replace(tzinfo=timezone.utc)
     return AdapterRecord(
         name=name, version=row.version, sha256=row.sha256, byte_size=row.byte_size, dtype=row.dtype,
         rank=row.rank, alpha=row.alpha, base_fingerprint=row.base_fingerprint, created=created,
         target_modules=tuple(row.target_modules) if row.target_modules is not None else None,
         metadata=dict(row.meta or {}), training=dict(row.training or {}),
-        metrics=dict(row.metrics or {}))
+        metrics=dict(row.metrics or {}), tenant=tenant)

@@ -25,8 +25,9 @@ from .database import WRITE, make_engine, normalize_url, upgrade
 from .errors import (AdapterCorrupt, AdapterNotFound, InvalidAdapter, InvalidName, RegistryBusy,
                      StoreError, VersionExists)
 from .naming import parse_ref, validate_name
-from .record import AdapterRecord, GcReport, record_from_row as _record
+from .record import AdapterRecord, GcReport, record_from_row
 from .schema import FINGERPRINT_LENGTH, AdapterVersion, BaseModel, Subject
+from .tenants import DEFAULT_TENANT, TenantAdmin
 
 T = TypeVar("T")
 
@@ -69,14 +70,17 @@ def _retryable(exc: Exception) -> bool:
     return "locked" in text or "busy" in text
 
 
-class Registry:
+class Registry(TenantAdmin):
     """``Registry(url=None, blobs=None)``: SQLAlchemy URL (default ``sqlite:///<home>/registry.db``
     or ``$SUBJECTPAINT_REGISTRY_URL``) and a blob directory or fsspec URL (default ``<home>/blobs``),
-    where ``<home>`` is ``$SUBJECTPAINT_HOME`` or ``~/.subjectpaint``. Opening upgrades the schema."""
+    where ``<home>`` is ``$SUBJECTPAINT_HOME`` or ``~/.subjectpaint``. Opening upgrades the schema.
+
+    Every name-based operation is scoped to the view's tenant (``tenant``, default ``"default"``;
+    ``registry.for_tenant(name)`` for another): other tenants' subjects are invisible."""
 
     def __init__(self, url: str | None = None, blobs: str | os.PathLike | BlobStore | None = None,
                  *, cache: AdapterCache | None = None, cache_bytes: int = 256 << 20,
-                 max_retries: int = 40):
+                 max_retries: int = 40, tenant: str = DEFAULT_TENANT):
         self.url = normalize_url(url or default_url())
         self.engine = make_engine(self.url)
         self.backup_path = upgrade(self.engine)
@@ -87,12 +91,18 @@ class Registry:
         self.cache = cache if cache is not None else AdapterCache(cache_bytes)
         self.max_retries = max_retries
         self.retries = 0  # transactions retried after a lock or unique-violation race (a figure)
+        self.tenant, self._tenant_pk, self._owner = validate_name(tenant), None, True
 
     def __repr__(self) -> str:
-        return f"Registry({self.url.render_as_string(hide_password=True)!r}, {self.blobs.url!r})"
+        return (f"Registry({self.url.render_as_string(hide_password=True)!r}, {self.blobs.url!r}, "
+                f"tenant={self.tenant!r})")
 
     def close(self) -> None:
-        self.engine.dispose()
+        if self._owner:   # a tenant view shares its parent's engine
+            self.engine.dispose()
+
+    def _record(self, row: AdapterVersion, name: str) -> AdapterRecord:
+        return record_from_row(row, name, self.tenant)
 
     def __enter__(self) -> "Registry":
         return self
@@ -155,9 +165,11 @@ class Registry:
         sha = self.blobs.put(data)                       # 1. blob (atomic, deduplicated)
 
         def insert(session: Session) -> AdapterRecord:   # 2. row, one transaction
-            subject = session.scalar(select(Subject).where(Subject.name == name))
+            tenant_id = self._tenant_id(session)
+            subject = session.scalar(select(Subject).where(Subject.tenant_id == tenant_id,
+                                                           Subject.name == name))
             if subject is None:
-                subject = Subject(name=name, display=display, last_version=0)
+                subject = Subject(tenant_id=tenant_id, name=name, display=display, last_version=0)
                 session.add(subject)
                 session.flush()
             bumped = session.execute(update(Subject).where(Subject.id == subject.id)
@@ -173,7 +185,7 @@ class Registry:
                 base_fingerprint=base_fingerprint, meta=meta, training=training, metrics=metrics)
             session.add(row)
             session.flush()
-            return _record(row, name)
+            return self._record(row, name)
 
         record = self._write(insert)
         if not self.blobs.exists(sha):                   # 3. a concurrent gc raced us: rewrite
@@ -218,10 +230,10 @@ class Registry:
         else:
             stmt = stmt.where(AdapterVersion.version == version)
         with self._read() as session:
-            row = session.scalar(stmt)
+            row = session.scalar(stmt.where(Subject.tenant_id == self._tenant_id(session)))
             if row is None:
                 raise AdapterNotFound(ref)
-            return _record(row, name)
+            return self._record(row, name)
 
     def exists(self, ref: str) -> bool:
         try:
@@ -255,11 +267,14 @@ class Registry:
         if limit is not None:
             stmt = stmt.limit(limit)
         with self._read() as session:
-            return [_record(row, name) for row, name in session.execute(stmt)]
+            stmt = stmt.where(Subject.tenant_id == self._tenant_id(session))
+            return [self._record(row, name) for row, name in session.execute(stmt)]
 
     def count(self) -> int:
+        """Adapter versions of this view's tenant."""
         with self._read() as session:
-            return session.scalar(select(func.count()).select_from(AdapterVersion))
+            return session.scalar(select(func.count()).select_from(AdapterVersion).join(Subject)
+                                  .where(Subject.tenant_id == self._tenant_id(session)))
 
     def _read_verified(self, record: AdapterRecord) -> bytes:
         try:
@@ -283,6 +298,8 @@ class Registry:
         before decoding; only verified tensors enter the RAM cache."""
         if not isinstance(record, AdapterRecord):
             record = self.get(record)
+        elif record.tenant != self.tenant:   # a record handed out by another tenant's view
+            raise AdapterNotFound(record.ref)
         cached = self.cache.get_or_load(record.sha256, lambda: self._decode_verified(record))
         return {k: v.clone() for k, v in cached.items()}
 
@@ -311,7 +328,8 @@ class Registry:
         name, version = parse_ref(ref)
 
         def remove(session: Session) -> int:
-            subject_id = session.scalar(select(Subject.id).where(Subject.name == name))
+            subject_id = session.scalar(select(Subject.id).where(
+                Subject.tenant_id == self._tenant_id(session), Subject.name == name))
             if subject_id is None:
                 raise AdapterNotFound(ref)
             where = AdapterVersion.subject_id == subject_id

@@ -32,12 +32,38 @@ class BaseModel(Base):
     created: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Subject(Base):
-    """A product: a unique name, display metadata, and a version counter that never goes back."""
-    __tablename__ = "subjects"
-    __table_args__ = (UniqueConstraint("name", name="uq_subjects_name"),)
+class Tenant(Base):
+    """Who owns subjects: a retailer. Migration 0003 creates tenant 1, ``default``, for older rows."""
+    __tablename__ = "tenants"
+    __table_args__ = (UniqueConstraint("name", name="uq_tenants_name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key bound to one tenant. Only its sha256 is stored (keys are 256-bit random tokens)."""
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE", name="fk_api_keys_tenant_id"))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Subject(Base):
+    """A product: a name unique within its tenant, display metadata, and a version counter that
+    never goes back."""
+    __tablename__ = "subjects"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_subjects_tenant_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", name="fk_subjects_tenant_id"))
     name: Mapped[str] = mapped_column(String(NAME_LENGTH))
     display: Mapped[dict[str, Any]] = mapped_column(default=dict)
     last_version: Mapped[int] = mapped_column(Integer, default=0)

@@ -37,9 +37,11 @@ from adapters_store.errors import (  # noqa: E402,F401
     AdapterCorrupt,
     AdapterNotFound,
     InvalidAdapter,
+    InvalidKey,
     InvalidName,
     RegistryBusy,
     StoreError,
+    TenantNotFound,
     VersionExists,
 )
 

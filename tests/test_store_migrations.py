@@ -38,7 +38,7 @@ def test_fresh_database_is_at_head_without_backup(tmp_path):
                                                              "alembic_version"}
         with reg.engine.connect() as conn:   # models and migrations describe the same schema
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-    assert revision_of(tmp_path / "r.db") == head_revision() == "0002"
+    assert revision_of(tmp_path / "r.db") == head_revision() == "0003"
     assert backups(tmp_path) == []
     Registry(f"sqlite:///{tmp_path}/r.db", tmp_path / "b").close()   # reopening: nothing to do
     assert backups(tmp_path) == []
@@ -68,7 +68,7 @@ def test_old_revision_is_backed_up_then_upgraded(tmp_path):
         assert reg.register("mug", {"w": __import__("torch").ones(2)}).version == 2
         assert {"ix_adapters_sha256", "ix_adapters_base_fingerprint"} <= {
             i["name"] for i in inspect(reg.engine).get_indexes("adapters")}
-    assert revision_of(db) == "0002"
+    assert revision_of(db) == head_revision()
     assert backups(tmp_path) == [os.path.basename(reg.backup_path)]
     assert revision_of(reg.backup_path) == "0001"                 # the backup is the old database
     with sqlite3.connect(reg.backup_path) as conn:
@@ -104,7 +104,7 @@ def test_postgres_schema_upgrades_to_head(tmp_path):
         with Registry(url.render_as_string(hide_password=False), tmp_path / "b") as reg:
             assert reg.backup_path is None                          # backups are SQLite-only
             with reg.engine.connect() as conn:
-                assert MigrationContext.configure(conn).get_current_revision() == "0002"
+                assert MigrationContext.configure(conn).get_current_revision() == head_revision()
                 assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
             rec = reg.register("mug", {"w": __import__("torch").ones(3)}, {"k": "v"}, "fp")
             assert reg.get("mug@1") == rec and reg.list(base_fingerprint="fp") == [rec]

@@ -1,0 +1,110 @@
+"""Tenants and their API keys. Every subject belongs to one tenant; a registry *view* is bound to one
+tenant (``registry.for_tenant("acme")``) and sees, loads, overwrites and deletes only that tenant's
+subjects. Another tenant's names look exactly like names that do not exist (``AdapterNotFound``).
+
+API keys are ``sp_`` + 43 url-safe characters (256 random bits). Only their sha256 is stored: for a
+random token of that size a plain hash is as strong as a slow KDF and allows an indexed lookup.
+The raw key is returned once, by :meth:`TenantAdmin.issue_key`.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import delete, select
+
+from .errors import InvalidKey, TenantNotFound
+from .naming import validate_name
+from .schema import ApiKey, Tenant
+
+DEFAULT_TENANT = "default"
+KEY_PREFIX = "sp_"
+KEY_LENGTH = len(KEY_PREFIX) + 43
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def _check_key_shape(key: object) -> str:
+    if not isinstance(key, str) or len(key) != KEY_LENGTH or not key.startswith(KEY_PREFIX) \
+            or not key.isascii():
+        raise InvalidKey("invalid API key")
+    return key
+
+
+class TenantAdmin:
+    """Tenant methods of :class:`adapters_store.Registry` (kept here so each module stays one concept).
+    Uses the registry's ``_write`` / ``_read`` sessions; opens none itself."""
+
+    tenant: str | None
+
+    def for_tenant(self, name: str) -> "TenantAdmin":
+        """A view of this registry bound to tenant ``name`` (shares engine, blobs and RAM cache;
+        closing a view closes nothing). Raises TenantNotFound if it does not exist."""
+        validate_name(name)
+        view = copy.copy(self)
+        view.tenant, view._tenant_pk, view._owner = name, None, False
+        with view._read() as session:
+            view._tenant_id(session)
+        return view
+
+    def _tenant_id(self, session) -> int:
+        if self._tenant_pk is None:
+            if self.tenant is None:
+                raise TenantNotFound("this registry view is not bound to a tenant")
+            pk = session.scalar(select(Tenant.id).where(Tenant.name == self.tenant))
+            if pk is None:
+                raise TenantNotFound(f"tenant {self.tenant!r} does not exist")
+            self._tenant_pk = pk
+        return self._tenant_pk
+
+    def create_tenant(self, name: str) -> str:
+        """Create tenant ``name`` (idempotent). Returns the name."""
+        validate_name(name)
+
+        def add(session) -> str:
+            if session.scalar(select(Tenant.id).where(Tenant.name == name)) is None:
+                session.add(Tenant(name=name))
+            return name
+
+        return self._write(add)
+
+    def tenants(self) -> list[str]:
+        with self._read() as session:
+            return list(session.scalars(select(Tenant.name).order_by(Tenant.name)))
+
+    def issue_key(self, tenant: str, label: str | None = None) -> str:
+        """A new API key for ``tenant``. The raw key is returned once and never stored."""
+        key = new_key()
+
+        def add(session) -> None:
+            pk = session.scalar(select(Tenant.id).where(Tenant.name == tenant))
+            if pk is None:
+                raise TenantNotFound(f"tenant {tenant!r} does not exist")
+            session.add(ApiKey(tenant_id=pk, key_hash=hash_key(key), label=label))
+
+        self._write(add)
+        return key
+
+    def tenant_for_key(self, key: object) -> str:
+        """The tenant an API key belongs to; InvalidKey (one message for every failure) otherwise."""
+        digest = hash_key(_check_key_shape(key))
+        with self._read() as session:
+            row = session.execute(select(ApiKey.key_hash, Tenant.name).join(Tenant)
+                                  .where(ApiKey.key_hash == digest)).first()
+        if row is None or not hmac.compare_digest(row[0], digest):
+            raise InvalidKey("invalid API key")
+        return row[1]
+
+    def revoke_key(self, key: str) -> bool:
+        digest = hash_key(_check_key_shape(key))
+        return bool(self._write(lambda s: s.execute(
+            delete(ApiKey).where(ApiKey.key_hash == digest)
+            .execution_options(synchronize_session=False)).rowcount))
