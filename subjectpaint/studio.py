@@ -129,9 +129,11 @@ class Studio:
         paste_back: PasteBack | bool = True,
         resolution: int | None = None,
         progress: bool = True,
+        seeds: list[int] | None = None,
     ) -> list[Placement]:
         """Several (room, mask, exemplar) jobs in one batched denoising pass when their work sizes agree
-        (otherwise grouped by size). Row i uses generator seed `seed + i`.
+        (otherwise grouped by size). Row i uses generator seed `seed + i`, or `seeds[i]` when given (a server
+        batching independent requests: each row's result is then the same as that request run alone).
 
         The third element of a job is an exemplar image, None (unconditional fill) or a Subject: its best
         exemplar crop conditions the row and its adapter is applied to that row only (a mixed-subject batch)."""
@@ -139,6 +141,12 @@ class Studio:
         steps = steps or self.default_steps
         if not jobs:
             raise InvalidArgument("inpaint_many needs at least one (room, mask, exemplar) job")
+        if seeds is not None:
+            if len(seeds) != len(jobs) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+                raise InvalidArgument("seeds must be a list of ints, one per job")
+            if seed is not None:
+                raise InvalidArgument("pass seed or seeds, not both")
+        row_seed = (lambda i: seeds[i]) if seeds is not None else (lambda i: None if seed is None else seed + i)
         # 1. Validate every input before any work (bad input -> typed error, nothing done)
         prepared = []
         for room, mask, exemplar in jobs:
@@ -162,7 +170,7 @@ class Studio:
             images = torch.cat([w[0] for w in work]).to(self.base.device)
             masks = torch.cat([w[1] for w in work]).to(self.base.device)
             embeddings, uncond = self.encode_exemplars([prepared[i][2] for i in rows])
-            generator = None if seed is None else [torch.Generator().manual_seed(seed + i) for i in rows]
+            generator = None if row_seed(0) is None else [torch.Generator().manual_seed(row_seed(i)) for i in rows]
             with self.subjects([prepared[i][3] for i in rows]):
                 out = self.sampler(
                     images,
@@ -184,7 +192,7 @@ class Studio:
                     mask=mask_to_pil(mask_t),
                     exemplar=exemplar_pil,
                     generated=generated,
-                    seed=None if seed is None else seed + i,
+                    seed=row_seed(i),
                     info={"steps": steps, "guidance_scale": guidance_scale, "scheduler": scheduler or "pndm",
                           "subject": getattr(subject, "name", None)},
                 )

@@ -1,0 +1,23 @@
+"""HTTP status of every error raised on purpose: bad requests are 4xx with a clear message, never 500."""
+
+from __future__ import annotations
+
+from ..errors import (AdapterCorrupt, AdapterNotFound, BaseMismatch, InvalidKey, RegistryBusy, TenantNotFound,
+                      VersionExists)
+
+STATUS = [  # first match wins (order: most specific first)
+    (InvalidKey, 401),
+    (AdapterNotFound, 404),
+    (TenantNotFound, 401),  # a key whose tenant vanished: the same as a bad key
+    (VersionExists, 409),
+    (BaseMismatch, 409),
+    (RegistryBusy, 503),
+    (AdapterCorrupt, 503),
+]
+
+
+def status_of(exc: Exception) -> int:
+    for kind, status in STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 422  # InvalidImage, InvalidMask, InvalidArgument, InvalidName, InvalidAdapter, ...
