@@ -112,6 +112,39 @@ def cmd_place(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import ServeConfig, build_server, run
+
+    base = None if args.base is None else args.base
+    config = ServeConfig(base=base, registry_url=args.registry, blobs=args.blobs, max_batch_size=args.max_batch_size,
+                         batch_timeout=args.batch_timeout, train_steps=args.train_steps, place_steps=args.steps)
+    server, _ = build_server(config)
+    if args.command == "ui":
+        from adapters_store import Registry
+
+        with Registry(args.registry, args.blobs) as registry:
+            key = registry.issue_key(args.tenant, label="subjectpaint ui")
+        print(f"studio page: http://{args.host}:{args.port}/ui#key={key}  (an API key for tenant {args.tenant!r})")
+    else:
+        print(f"serving on http://{args.host}:{args.port} (API: /v1/..., page: /ui, /health, /metrics)")
+    run(server, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_tenants(args) -> int:
+    from adapters_store import Registry
+
+    with Registry(args.registry, args.blobs) as registry:
+        if args.action == "add":
+            registry.create_tenant(args.name)
+            print(f"tenant {args.name!r} ready")
+        elif args.action == "key":
+            print(registry.issue_key(args.name, label=args.label))  # shown once, stored hashed
+        else:
+            print("\n".join(registry.tenants()))
+    return 0
+
+
 def _base_options(p):
     p.add_argument(
         "--base",
@@ -194,6 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blobs", metavar="DIR", default=None, help="blob directory (default: env or ~/.subjectpaint/blobs)")
     _base_options(p)
     p.set_defaults(func=cmd_place)
+
+    for name, text in (("serve", "the HTTP API (LitServe): register, place, list, delete; API keys per tenant"),
+                       ("ui", "the HTTP API plus the studio web page; prints the page's URL with a fresh key")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--max-batch-size", type=int, default=8, help="dynamic batching: rows per pass (1 = off)")
+        p.add_argument("--batch-timeout", type=float, default=0.05, help="seconds a batch waits to fill")
+        p.add_argument("--train-steps", type=int, default=300, help="default and maximum training steps per job")
+        p.add_argument("--steps", type=int, default=None, help="default denoising steps of a placement")
+        p.add_argument("--tenant", default="default", help="ui: the tenant whose key the page gets")
+        p.add_argument("--registry", metavar="URL", default=None, help="SQLAlchemy URL (default: env or ~/.subjectpaint)")
+        p.add_argument("--blobs", metavar="DIR", default=None, help="blob directory or fsspec URL")
+        _base_options(p)
+        p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("tenants", help="tenants and API keys: list | add NAME | key NAME (prints a new key once)")
+    p.add_argument("action", choices=("list", "add", "key"))
+    p.add_argument("name", nargs="?", default="default")
+    p.add_argument("--label", default=None)
+    p.add_argument("--registry", metavar="URL", default=None)
+    p.add_argument("--blobs", metavar="DIR", default=None)
+    p.set_defaults(func=cmd_tenants)
 
     try:
         from adapters_store.cli import add_commands
