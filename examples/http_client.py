@@ -35,8 +35,20 @@ def local_server(args):
         key = registry.issue_key("demo")
     cmd = [sys.executable, "-m", "subjectpaint.cli", "serve", "--port", str(args.port), "--registry", url,
            "--blobs", blobs, "--train-steps", str(args.steps)] + (["--base", "tiny", "--steps", "2"] if args.tiny else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return proc, f"http://127.0.0.1:{args.port}", key
+
+
+def stop(proc) -> None:
+    """Stop the server and its LitServe worker processes (one process group)."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def main(argv=None):
@@ -84,8 +96,7 @@ def main(argv=None):
             print(f"placed {job['ref']}: wrote {path} ({len(r.content)} bytes)")
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,12 @@ def cmd_serve(args) -> int:
         print(f"studio page: http://{args.host}:{args.port}/ui#key={key}  (an API key for tenant {args.tenant!r})")
     else:
         print(f"serving on http://{args.host}:{args.port} (API: /v1/..., page: /ui, /health, /metrics)")
+    import signal
+
+    def _stop(*_):  # SIGTERM stops like Ctrl-C: LitServe then shuts its worker processes down
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     run(server, host=args.host, port=args.port)
     return 0
 

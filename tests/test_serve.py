@@ -223,3 +223,14 @@ def test_metrics_report_latency_swaps_and_queue(env):
     assert values["subjectpaint_queue_depth"] == 0
     assert values["subjectpaint_swap_misses_total"] >= 1 and values["subjectpaint_swap_hits_total"] >= 1
     assert values['subjectpaint_requests_total{route="/v1/place",status="200"}'] >= 1
+
+
+def test_unbatched_server_places_too(tmp_path, env):
+    """max_batch_size=1 (LitServe's unbatched loop hands predict one request, not a list)."""
+    config = ServeConfig(base="tiny", registry_url=env["reg"].url.render_as_string(hide_password=False),
+                         blobs=env["reg"].blobs.url, max_batch_size=1, place_steps=2)
+    server, _ = build_server(config)
+    with wrap_litserve_start(server) as server, TestClient(server.app) as client:
+        r = client.post("/v1/place", json=place_body(env), headers=h(env))
+        assert r.status_code == 200 and r.headers["x-batch-rows"] == "1", r.text
+        assert client.post("/v1/place", json=place_body(env, "vase"), headers=h(env)).status_code == 404

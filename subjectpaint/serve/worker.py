@@ -69,6 +69,8 @@ class PlaceAPI(ls.LitAPI):
     # ------------------------------------------------------------------ predict
 
     def predict(self, rows):
+        if isinstance(rows, dict):  # max_batch_size=1: LitServe's unbatched loop hands over one request
+            return self.predict([rows])[0]
         started = time.perf_counter()
         out: list = [None] * len(rows)
         ready = []
