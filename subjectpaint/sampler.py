@@ -58,6 +58,11 @@ def make_scheduler(name_or_scheduler, config):
         if key not in SCHEDULERS:
             raise InvalidArgument(f"unknown scheduler {name_or_scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         cls, overrides = SCHEDULERS[key]
+        if cls is DDIMScheduler and "clip_sample" not in config:
+            # DDIM's own default clips the predicted x0 to [-1, 1], which is for pixel-space models; latents are
+            # not bounded so (Stable Diffusion's configs say clip_sample false), and a config without the key
+            # (Paint by Example's PNDM one) must not switch it on
+            overrides = {**overrides, "clip_sample": False}
         return cls.from_config(config, **overrides)
     return name_or_scheduler.__class__.from_config(name_or_scheduler.config)
 
