@@ -73,3 +73,32 @@ def test_killed_and_resumed_run_equals_uninterrupted(setup, tmp_path):
     assert max((out[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
     # and the adapter is not trivially equal to a fresh one
     assert max((out[k] - SubjectLoRAModule(base, **KW).lora_state_dict()[k]).abs().max().item() for k in out) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_the_loss_target_follows_the_bases_prediction_type(setup, kind):
+    """A v-prediction base (the demo base) must be fine-tuned on v, an epsilon one (Paint by Example) on the noise:
+    with the UNet answering zeros the loss is the mean square of exactly that target."""
+    from diffusers import PNDMScheduler
+    from subjectpaint.errors import InvalidArgument
+
+    base, data = setup
+    base = ExemplarInpainter(base.vae, base.unet, base.image_encoder,
+                             PNDMScheduler.from_config(base.scheduler.config, prediction_type=kind),
+                             base.feature_extractor)
+    module = SubjectLoRAModule(base, **KW)
+    seen = {}
+    velocity, add_noise = module.noise.get_velocity, module.noise.add_noise
+    module.noise.get_velocity = lambda *a: seen.setdefault("answer", velocity(*a))
+    module.noise.add_noise = lambda x, n, t: (seen.setdefault("noise", n), add_noise(x, n, t))[1]
+    module.unet.forward = lambda x, *a, **k: type("Out", (), {"sample": torch.zeros_like(x[:, :4])})()
+    dm = data()
+    dm.setup("fit")
+    loss = module.training_step(next(iter(dm.train_dataloader())), 0)
+    answer = seen["answer"] if kind == "v_prediction" else seen["noise"]
+    assert ("answer" in seen) == (kind == "v_prediction")
+    assert torch.allclose(loss, (answer.float() ** 2).mean())
+    with pytest.raises(InvalidArgument, match="prediction_type"):
+        SubjectLoRAModule(ExemplarInpainter(base.vae, base.unet, base.image_encoder,
+                                            PNDMScheduler.from_config(base.scheduler.config, prediction_type="x"),
+                                            base.feature_extractor), **KW)

@@ -3,7 +3,7 @@ objective (shared/papers/lora-image-guided-inpainting.txt 4.2; paint-by-example.
 
 The base (VAE, UNet weights, image encoder) is frozen; only the LoRA factors train. One step: VAE-encode the
 target and the masked target, encode the augmented reference, replace the condition by the learned
-unconditional vector 20% of the time, noise the latents under the DDPM schedule, predict the noise from the
+unconditional vector 20% of the time, noise the latents under the base's DDPM schedule, predict the noise (or v, as the base's scheduler says) from the
 9-channel input (noisy latent 4 + masked-image latent 4 + keep-mask 1), MSE. All randomness of a step (VAE
 sampling, noise, timesteps, condition drop, LoRA dropout) comes from `(seed, global_step, rank)`, so a resumed
 run continues exactly. Lightning owns the loop, checkpoints and progress bar (`make_trainer`, `fit`).
@@ -23,7 +23,8 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from subjectpaint.base import ExemplarInpainter, pbe_scheduler
+from subjectpaint.base import ExemplarInpainter
+from subjectpaint.errors import InvalidArgument
 
 ADAPTER = "subject"
 # The frozen VAE and image encoder stay in eval mode on purpose; Lightning's notice about it is noise here.
@@ -60,7 +61,10 @@ class SubjectLoRAModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):  # the LoRA init (A ~ Kaiming, B = 0) is a function of the seed
             torch.manual_seed(seed)
             self.unet.add_adapter(self.config, adapter_name=ADAPTER)
-        self.noise = DDPMScheduler.from_config(pbe_scheduler().config)
+        # the base's own noise schedule and prediction type (Paint by Example: epsilon; the demo base: v)
+        self.noise = DDPMScheduler.from_config(base.scheduler.config)
+        if self.noise.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise InvalidArgument(f"unknown prediction_type {self.noise.config.prediction_type!r} in the base's scheduler")
         self.lr, self.weight_decay, self.drop, self.seed = lr, weight_decay, drop, seed
         self.strict_loading = False  # checkpoints hold only the LoRA factors (see on_save_checkpoint)
 
@@ -92,7 +96,9 @@ class SubjectLoRAModule(L.LightningModule):
             t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=g, device=device)
             noisy = self.noise.add_noise(latents, noise, t)
         pred = self.unet(torch.cat([noisy, masked, keep_small], 1), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred.float(), noise.float())
+        kind = self.noise.config.prediction_type
+        answer = noise if kind == "epsilon" else latents if kind == "sample" else self.noise.get_velocity(latents, noise, t)
+        loss = F.mse_loss(pred.float(), answer.float())
         self.log("loss", loss, prog_bar=True, batch_size=b)
         return loss
 
