@@ -1,4 +1,4 @@
-"""Registry subcommands for the ``subjectpaint`` CLI: ``list``, ``rm``, ``gc``, ``export``, ``import``.
+"""Registry subcommands for the ``subjectpaint`` CLI: ``list``, ``rm``, ``gc``, ``export``, ``import``, ``tenants``.
 
 ``subjectpaint.cli`` calls :func:`add_commands` on its subparsers; each command sets
 ``func(args) -> int`` (the exit code). ``--registry`` / ``--blobs`` fall back to
@@ -15,7 +15,7 @@ from .errors import StoreError
 from .registry import Registry
 
 
-def _store_options(parser: argparse.ArgumentParser) -> None:
+def store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", metavar="URL", default=None,
                         help="SQLAlchemy URL of the registry (default: env or ~/.subjectpaint)")
     parser.add_argument("--blobs", metavar="DIR", default=None,
@@ -78,6 +78,17 @@ def _import(registry: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
+def _tenants(registry: Registry, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        registry.create_tenant(args.name)
+        print(f"tenant {args.name!r} ready")
+    elif args.action == "key":
+        print(registry.issue_key(args.name, label=args.label))  # shown once, stored hashed
+    else:
+        print("\n".join(registry.tenants()))
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the registry subcommands to an argparse ``add_subparsers()`` object."""
     p = subparsers.add_parser("list", help="list registered adapters")
@@ -88,31 +99,38 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--after", default=None, metavar="NAME@V", help="page after this entry")
     p.add_argument("--latest", action="store_true", help="only the latest version of each name")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    _store_options(p)
+    store_options(p)
     p.set_defaults(func=_handler(_list))
 
     p = subparsers.add_parser("rm", help="remove an adapter (NAME: all versions, NAME@V: one)")
     p.add_argument("ref", metavar="NAME[@V]")
-    _store_options(p)
+    store_options(p)
     p.set_defaults(func=_handler(_rm))
 
     p = subparsers.add_parser("gc", help="delete blobs no adapter references")
     p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
                    help="keep unreferenced blobs younger than this (writes in flight)")
-    _store_options(p)
+    store_options(p)
     p.set_defaults(func=_handler(_gc))
 
     p = subparsers.add_parser("export", help="write an adapter as one safetensors file")
     p.add_argument("ref", metavar="NAME[@V]")
     p.add_argument("path")
-    _store_options(p)
+    store_options(p)
     p.set_defaults(func=_handler(_export))
 
     p = subparsers.add_parser("import", help="register a safetensors adapter file")
     p.add_argument("path")
     p.add_argument("--name", default=None, help="subject name (default: the file's metadata)")
-    _store_options(p)
+    store_options(p)
     p.set_defaults(func=_handler(_import))
+
+    p = subparsers.add_parser("tenants", help="tenants and API keys: list | add NAME | key NAME (prints a new key once)")
+    p.add_argument("action", choices=("list", "add", "key"))
+    p.add_argument("name", nargs="?", default="default")
+    p.add_argument("--label", default=None)
+    store_options(p)
+    p.set_defaults(func=_handler(_tenants))
 
 
 def main(argv: list[str] | None = None) -> int:

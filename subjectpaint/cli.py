@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from adapters_store.cli import add_commands, store_options
+
 from .errors import ERRORS
 
 
@@ -115,8 +117,7 @@ def cmd_place(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import ServeConfig, build_server, run
 
-    base = None if args.base is None else args.base
-    config = ServeConfig(base=base, registry_url=args.registry, blobs=args.blobs, max_batch_size=args.max_batch_size,
+    config = ServeConfig(base=args.base, registry_url=args.registry, blobs=args.blobs, max_batch_size=args.max_batch_size,
                          batch_timeout=args.batch_timeout, train_steps=args.train_steps, place_steps=args.steps)
     server, _ = build_server(config)
     if args.command == "ui":
@@ -134,20 +135,6 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     run(server, host=args.host, port=args.port)
-    return 0
-
-
-def cmd_tenants(args) -> int:
-    from adapters_store import Registry
-
-    with Registry(args.registry, args.blobs) as registry:
-        if args.action == "add":
-            registry.create_tenant(args.name)
-            print(f"tenant {args.name!r} ready")
-        elif args.action == "key":
-            print(registry.issue_key(args.name, label=args.label))  # shown once, stored hashed
-        else:
-            print("\n".join(registry.tenants()))
     return 0
 
 
@@ -212,8 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="keep checkpoints here; rerun to resume")
     p.add_argument("--detector", default="facebook/detr-resnet-50", help="DETR hub id or local dir")
     p.add_argument("--no-detr", action="store_true", help="boxes from the photo backdrop only")
-    p.add_argument("--registry", metavar="URL", default=None, help="SQLAlchemy URL (default: env or ~/.subjectpaint)")
-    p.add_argument("--blobs", metavar="DIR", default=None, help="blob directory (default: env or ~/.subjectpaint/blobs)")
+    store_options(p)
     _base_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -229,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progressive: threshold schedule of the edit map")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--registry", metavar="URL", default=None, help="SQLAlchemy URL (default: env or ~/.subjectpaint)")
-    p.add_argument("--blobs", metavar="DIR", default=None, help="blob directory (default: env or ~/.subjectpaint/blobs)")
+    store_options(p)
     _base_options(p)
     p.set_defaults(func=cmd_place)
 
@@ -244,25 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--train-steps", type=int, default=300, help="default and maximum training steps per job")
         p.add_argument("--steps", type=int, default=None, help="default denoising steps of a placement")
         p.add_argument("--tenant", default="default", help="ui: the tenant whose key the page gets")
-        p.add_argument("--registry", metavar="URL", default=None, help="SQLAlchemy URL (default: env or ~/.subjectpaint)")
-        p.add_argument("--blobs", metavar="DIR", default=None, help="blob directory or fsspec URL")
+        store_options(p)
         _base_options(p)
         p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("tenants", help="tenants and API keys: list | add NAME | key NAME (prints a new key once)")
-    p.add_argument("action", choices=("list", "add", "key"))
-    p.add_argument("name", nargs="?", default="default")
-    p.add_argument("--label", default=None)
-    p.add_argument("--registry", metavar="URL", default=None)
-    p.add_argument("--blobs", metavar="DIR", default=None)
-    p.set_defaults(func=cmd_tenants)
-
-    try:
-        from adapters_store.cli import add_commands
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        add_commands(sub)
+    add_commands(sub)  # the registry's own: list, rm, gc, export, import, tenants
     return parser
 
 

@@ -81,3 +81,18 @@ def test_export_import_roundtrip_with_env_defaults(env, tmp_path, capsys, monkey
     assert code == 1 and "does not exist" in err
     code, _, err = run(["export", "ghost", str(path)], capsys)
     assert code == 1 and "ghost" in err
+
+
+def test_tenants_add_key_list(env, capsys):
+    url, blobs = env
+    store = ["--registry", url, "--blobs", blobs]
+    assert run(["tenants", "add", "acme", *store], capsys)[0] == 0
+    code, out, _ = run(["tenants", "key", "acme", *store], capsys)
+    key = out.strip()
+    assert code == 0 and len(key) >= 32
+    code, out, _ = run(["tenants", "list", *store], capsys)
+    assert code == 0 and "acme" in out.split()
+    with Registry(url, blobs) as reg:
+        assert reg.tenant_for_key(key) == "acme"
+    code, _, err = run(["tenants", "key", "nobody", *store], capsys)
+    assert code == 1 and "nobody" in err  # a typed store error, reported, nothing issued
