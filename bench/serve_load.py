@@ -12,9 +12,6 @@ import io
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -25,6 +22,7 @@ from adapters_store import Registry
 from subjectpaint import Studio, Subject
 from subjectpaint.base import ExemplarInpainter
 from subjectpaint.demo.scenes import EVAL_SEEDS, HELDOUT_PRODUCT_SEEDS, Product, make_scene, product_photos
+from subjectpaint.serve.local import local_server
 
 
 def png64(image) -> str:
@@ -81,34 +79,6 @@ async def load(url: str, key: str, clients: int, requests: int, subjects: int, s
             "throughput_rps": round(ok / wall, 2), "mean_batch_rows": round(float(np.mean(rows)), 2) if rows else 0}
 
 
-def serve(port: int, url: str, blobs: str, batch: int, steps: int):
-    cmd = [sys.executable, "-m", "subjectpaint.cli", "serve", "--base", "tiny", "--port", str(port), "--registry", url,
-           "--blobs", blobs, "--max-batch-size", str(batch), "--batch-timeout", "0.02", "--steps", str(steps)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def stop(proc) -> None:
-    """Stop the server and its LitServe worker processes (one process group)."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wait_ready(url: str, key: str, timeout: float = 180) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server did not become ready")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -126,14 +96,11 @@ def main():
     url, blobs, key = prepare(home, subjects)
     results = {}
     for n, (mode, batch) in enumerate((("batched", 8), ("unbatched", 1))):
-        proc = serve(args.port + n, url, blobs, batch, args.steps)
-        base = f"http://127.0.0.1:{args.port + n}"
-        try:
-            wait_ready(base, key)
+        options = ["--base", "tiny", "--registry", url, "--blobs", blobs, "--max-batch-size", str(batch),
+                   "--batch-timeout", "0.02", "--steps", str(args.steps)]
+        with local_server(*options, port=args.port + n) as base:
             asyncio.run(load(base, key, min(clients, 4), 8, subjects, args.steps, seed=99))  # warm-up (adapters, JIT)
             results[mode] = asyncio.run(load(base, key, clients, requests, subjects, args.steps, seed=0))
-        finally:
-            stop(proc)
         r = results[mode]
         print(f"{mode:9s}: {r['ok']}/{r['requests']} ok, {r['failed']} failed, {r['lost']} lost; "
               f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, {r['throughput_rps']} req/s, "

@@ -6,9 +6,9 @@
 """
 import argparse
 import base64
+import contextlib
 import io
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -16,6 +16,7 @@ import time
 import httpx
 
 from subjectpaint.demo.scenes import EVAL_SEEDS, HELDOUT_PRODUCT_SEEDS, Product, make_scene, product_photos
+from subjectpaint.serve.local import local_server, wait_healthy
 
 
 def png(image) -> bytes:
@@ -24,7 +25,7 @@ def png(image) -> bytes:
     return buf.getvalue()
 
 
-def local_server(args):
+def fresh_server(args):
     """A server on loopback over a fresh registry, and an API key for tenant 'demo'."""
     from adapters_store import Registry
 
@@ -32,23 +33,9 @@ def local_server(args):
     url, blobs = f"sqlite:///{home}/registry.db", f"{home}/blobs"
     with Registry(url, blobs) as registry:
         registry.create_tenant("demo")
-        key = registry.issue_key("demo")
-    cmd = [sys.executable, "-m", "subjectpaint.cli", "serve", "--port", str(args.port), "--registry", url,
-           "--blobs", blobs, "--train-steps", str(args.steps)] + (["--base", "tiny", "--steps", "2"] if args.tiny else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    return proc, f"http://127.0.0.1:{args.port}", key
-
-
-def stop(proc) -> None:
-    """Stop the server and its LitServe worker processes (one process group)."""
-    import signal
-
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        args.key = registry.issue_key("demo")
+    options = ["--registry", url, "--blobs", blobs, "--train-steps", str(args.steps)]
+    return local_server(*options, *(["--base", "tiny", "--steps", "2"] if args.tiny else []), port=args.port)
 
 
 def main(argv=None):
@@ -61,18 +48,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=150, help="training steps")
     p.add_argument("--out", default="example-out")
     args = p.parse_args(argv)
-    proc = None
-    if args.serve:
-        proc, args.url, args.key = local_server(args)
-    try:
-        with httpx.Client(base_url=args.url, headers={"X-API-Key": args.key}, timeout=120) as client:
-            for _ in range(600):  # wait until the server (and its worker) is up
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+    with fresh_server(args) if args.serve else contextlib.nullcontext(args.url) as url:
+        wait_healthy(url)  # also a server started beside this script (`subjectpaint serve & python ...`)
+        with httpx.Client(base_url=url, headers={"X-API-Key": args.key}, timeout=120) as client:
             photos = [s.image for s in product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[0]), 3)]
             files = [("photos", (f"photo{i}.png", png(im), "image/png")) for i, im in enumerate(photos)]
             job = client.post("/v1/subjects", data={"name": "blue-mug", "steps": str(args.steps)}, files=files)
@@ -94,9 +72,6 @@ def main(argv=None):
             with open(path, "wb") as f:
                 f.write(r.content)
             print(f"placed {job['ref']}: wrote {path} ({len(r.content)} bytes)")
-    finally:
-        if proc is not None:
-            stop(proc)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,6 @@ Writes the screenshot to docs/ui.png."""
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +25,7 @@ from adapters_store import Registry  # noqa: E402
 from subjectpaint import Studio, Subject  # noqa: E402
 from subjectpaint.base import ExemplarInpainter  # noqa: E402
 from subjectpaint.demo.scenes import EVAL_SEEDS, HELDOUT_PRODUCT_SEEDS, Product, make_scene, product_photos  # noqa: E402
+from subjectpaint.serve.local import local_server  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PORT = 8793
@@ -53,26 +50,9 @@ def served(tmp_path_factory):
     room = tmp / "room.png"
     make_scene(EVAL_SEEDS[1], 32).room.save(room)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "subjectpaint.cli", "serve", "--base", "tiny", "--steps", "2",
-                             "--train-steps", "3", "--port", str(PORT), "--registry", url, "--blobs", blobs],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    import httpx
-
-    try:
-        for _ in range(900):
-            try:
-                if httpx.get(f"http://127.0.0.1:{PORT}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    options = ["--base", "tiny", "--steps", "2", "--train-steps", "3", "--registry", url, "--blobs", blobs]
+    with local_server(*options, port=PORT, env=env):
         yield dict(key=key, photos=paths, room=str(room))
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_studio_page_registers_paints_and_compares(served):
