@@ -92,6 +92,7 @@ class Registry(TenantAdmin):
         self.max_retries = max_retries
         self.retries = 0  # transactions retried after a lock or unique-violation race (a figure)
         self.tenant, self._tenant_pk, self._owner = validate_name(tenant), None, True
+        self._views: dict[str, Registry] = {}  # for_tenant's views, shared by every view
 
     def __repr__(self) -> str:
         return (f"Registry({self.url.render_as_string(hide_password=True)!r}, {self.blobs.url!r}, "

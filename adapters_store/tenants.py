@@ -44,15 +44,20 @@ class TenantAdmin:
     Uses the registry's ``_write`` / ``_read`` sessions; opens none itself."""
 
     tenant: str | None
+    _views: dict
 
     def for_tenant(self, name: str) -> "TenantAdmin":
         """A view of this registry bound to tenant ``name`` (shares engine, blobs and RAM cache;
-        closing a view closes nothing). Raises TenantNotFound if it does not exist."""
-        validate_name(name)
-        view = copy.copy(self)
-        view.tenant, view._tenant_pk, view._owner = name, None, False
-        with view._read() as session:
-            view._tenant_id(session)
+        closing a view closes nothing). Raises TenantNotFound if it does not exist. Views are made once
+        per name and shared (tenants are never deleted, so a view's tenant id stays valid)."""
+        view = self._views.get(name)
+        if view is None:
+            validate_name(name)
+            view = copy.copy(self)  # shares self._views
+            view.tenant, view._tenant_pk, view._owner = name, None, False
+            with view._read() as session:
+                view._tenant_id(session)
+            self._views[name] = view
         return view
 
     def _tenant_id(self, session) -> int:

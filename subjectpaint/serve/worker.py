@@ -24,15 +24,9 @@ class TenantRouter:
 
     def __init__(self, registry):
         self.registry = registry
-        self.views: dict = {}
-
-    def view(self, tenant: str):
-        if tenant not in self.views:
-            self.views[tenant] = self.registry.for_tenant(tenant)
-        return self.views[tenant]
 
     def load(self, record):
-        return self.view(record.tenant).load(record)
+        return self.registry.for_tenant(record.tenant).load(record)
 
 
 class PlaceAPI(ls.LitAPI):
@@ -96,7 +90,7 @@ class PlaceAPI(ls.LitAPI):
     def _subject(self, row):
         from ..subject import Subject
 
-        record = self.router.view(row["tenant"]).get(row["ref"])
+        record = self.router.registry.for_tenant(row["tenant"]).get(row["ref"])
         metadata = {str(k): v if isinstance(v, str) else str(v) for k, v in record.metadata.items()}
         subject = Subject(record.name, record.version, metadata, None, record)
         if subject.exemplar is None:
