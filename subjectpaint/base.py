@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder
 from transformers import CLIPImageProcessor, CLIPVisionConfig
 
-from .errors import WeightsNotFound
+from .errors import InvalidArgument, WeightsNotFound
 
 HUB_ID = "Fantasy-Studio/Paint-by-Example"
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
@@ -218,3 +218,19 @@ def pbe_scheduler():
         set_alpha_to_one=False,
         steps_offset=1,
     )
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def denoising_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What a UNet sampled under `noise_scheduler`'s config learns to predict from `add_noise(latents, noise, t)`:
+    the noise (Paint by Example), v (the demo base) or the clean latents."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, t)
+    if kind == "sample":
+        return latents
+    raise InvalidArgument(f"unknown prediction_type {kind!r} in the scheduler config; one of {PREDICTION_TYPES}")

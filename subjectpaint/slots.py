@@ -16,10 +16,9 @@ as one rank-K*R factor pair per layer and scales each rank block per token by it
 
 from __future__ import annotations
 
-import math
-
 import contextlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 

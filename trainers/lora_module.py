@@ -23,7 +23,7 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from subjectpaint.base import ExemplarInpainter
+from subjectpaint.base import PREDICTION_TYPES, ExemplarInpainter, denoising_target
 from subjectpaint.errors import InvalidArgument
 
 ADAPTER = "subject"
@@ -63,7 +63,7 @@ class SubjectLoRAModule(L.LightningModule):
             self.unet.add_adapter(self.config, adapter_name=ADAPTER)
         # the base's own noise schedule and prediction type (Paint by Example: epsilon; the demo base: v)
         self.noise = DDPMScheduler.from_config(base.scheduler.config)
-        if self.noise.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        if self.noise.config.prediction_type not in PREDICTION_TYPES:  # refused before any training
             raise InvalidArgument(f"unknown prediction_type {self.noise.config.prediction_type!r} in the base's scheduler")
         self.lr, self.weight_decay, self.drop, self.seed = lr, weight_decay, drop, seed
         self.strict_loading = False  # checkpoints hold only the LoRA factors (see on_save_checkpoint)
@@ -96,9 +96,7 @@ class SubjectLoRAModule(L.LightningModule):
             t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=g, device=device)
             noisy = self.noise.add_noise(latents, noise, t)
         pred = self.unet(torch.cat([noisy, masked, keep_small], 1), t, encoder_hidden_states=cond).sample
-        kind = self.noise.config.prediction_type
-        answer = noise if kind == "epsilon" else latents if kind == "sample" else self.noise.get_velocity(latents, noise, t)
-        loss = F.mse_loss(pred.float(), answer.float())
+        loss = F.mse_loss(pred.float(), denoising_target(self.noise, latents, noise, t).float())
         self.log("loss", loss, prog_bar=True, batch_size=b)
         return loss
 

@@ -37,18 +37,18 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from transformers import CLIPImageProcessor, CLIPVisionConfig
 
-from ..base import DEMO_DIR, ExemplarInpainter, pbe_scheduler
+from ..base import DEMO_DIR, ExemplarInpainter, denoising_target, pbe_scheduler
 from ..masks import bezier_mask, box_mask
 from .scenes import TRAIN_SEEDS, make_scene
 
 SIZE = 64
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def demo_scheduler():
     """Paint by Example's scheduler (PNDM, scaled-linear betas), predicting v instead of epsilon."""
     return PNDMScheduler.from_config(pbe_scheduler().config, prediction_type="v_prediction")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -228,7 +228,7 @@ class DemoBaseModule(L.LightningModule):
         # Outside the mask the answer is in the masked-image channels; weight the masked region so a short
         # CPU budget goes to what the exemplar decides (a departure from the paper's uniform loss).
         weight = 1.0 + self.mask_weight * (1.0 - keep_small)
-        loss = (weight * (pred - self.noise.get_velocity(latents, noise, t)) ** 2).mean() / weight.mean()
+        loss = (weight * (pred - denoising_target(self.noise, latents, noise, t)) ** 2).mean() / weight.mean()
         self.log("loss", loss, prog_bar=True)
         return loss
 
