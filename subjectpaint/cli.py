@@ -11,12 +11,9 @@ from .errors import ERRORS
 
 
 def _load_studio(args):
-    from .base import ExemplarInpainter
     from .studio import Studio
 
-    if args.base == "tiny":
-        return Studio(ExemplarInpainter.tiny(0), default_steps=args.steps or 4)
-    return Studio.load(args.base, device=args.device)
+    return Studio.load(args.base, device=args.device)  # None: the demo base; "tiny": a random tiny one
 
 
 def cmd_inpaint(args) -> int:

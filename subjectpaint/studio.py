@@ -83,10 +83,17 @@ class Studio:
         device: str | torch.device = "cpu",
         torch_dtype: torch.dtype = torch.float32,
     ) -> "Studio":
-        """No argument: the demo base shipped in the package. Otherwise a hub id or a local diffusers
-        Paint-by-Example directory (safetensors only), e.g. "Fantasy-Studio/Paint-by-Example"."""
+        """No argument: the demo base shipped in the package. "tiny" or "tiny:SEED": a random tiny base (tests,
+        benchmarks, smoke runs; 4 steps by default). Otherwise a hub id or a local diffusers Paint-by-Example
+        directory (safetensors only), e.g. "Fantasy-Studio/Paint-by-Example"."""
         if id_or_dir is None:
             return cls(ExemplarInpainter.demo(device=device), registry=registry, default_steps=25)
+        if isinstance(id_or_dir, str) and id_or_dir.partition(":")[0] == "tiny":
+            seed = id_or_dir.partition(":")[2] or "0"
+            if not seed.isdigit():
+                raise InvalidArgument(f"a tiny base is 'tiny' or 'tiny:SEED' (SEED an int >= 0), got {id_or_dir!r}")
+            tiny = ExemplarInpainter.tiny(int(seed)).to(device=device, dtype=torch_dtype)
+            return cls(tiny, registry=registry, default_steps=4)
         return cls(ExemplarInpainter.from_pretrained(id_or_dir, torch_dtype=torch_dtype, device=device), registry)
 
     # ------------------------------------------------------------------ one-shot exemplar inpainting

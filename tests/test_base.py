@@ -55,3 +55,14 @@ def test_not_a_pbe_directory(tmp_path):
 def test_unreachable_hub_id_is_a_clear_error():
     with pytest.raises(WeightsNotFound, match="Paint-by-Example"):
         ExemplarInpainter.from_pretrained("Fantasy-Studio/Paint-by-Example", local_files_only=True)
+
+
+def test_studio_load_names_a_tiny_base(tiny_base):
+    from subjectpaint.errors import InvalidArgument
+    from subjectpaint.studio import Studio
+
+    studio = Studio.load("tiny")
+    assert studio.base.fingerprint() == tiny_base.fingerprint() and studio.default_steps == 4
+    assert Studio.load("tiny:3").base.fingerprint() == ExemplarInpainter.tiny(3).fingerprint() != tiny_base.fingerprint()
+    with pytest.raises(InvalidArgument, match="tiny:SEED"):
+        Studio.load("tiny:x")

@@ -61,11 +61,11 @@ class ServeState:
     """What the app holds, created on first use (after any fork of the server process)."""
 
     def __init__(self, config, server, place_api):
-        from .config import load_base
+        from ..studio import Studio
 
         self.config, self.server, self.place_api = config, server, place_api
         self.metrics = Metrics()
-        self.jobs = TrainingJobs(config, lambda: load_base(config.base))
+        self.jobs = TrainingJobs(config, lambda: Studio.load(config.base).base)
         self._registry = self._handler = None
 
     @property

@@ -39,17 +39,3 @@ class ServeConfig:
         if self.batch_timeout < 0:
             raise InvalidArgument("batch_timeout must be >= 0")
 
-
-def load_base(spec: str | None):
-    """The diffusion base named by `ServeConfig.base`."""
-    from ..base import ExemplarInpainter
-
-    if spec is None:
-        return ExemplarInpainter.demo()
-    if spec == "tiny" or spec.startswith("tiny:"):
-        return ExemplarInpainter.tiny(int(spec.partition(":")[2] or 0))
-    return ExemplarInpainter.from_pretrained(spec)
-
-
-def default_steps(spec: str | None) -> int:
-    return 25 if spec is None else 4 if (spec == "tiny" or spec.startswith("tiny:")) else 50

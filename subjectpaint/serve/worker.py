@@ -13,7 +13,7 @@ import time
 import litserve as ls
 
 from ..errors import ERRORS
-from .config import ServeConfig, default_steps, load_base
+from .config import ServeConfig
 from .errors import status_of
 
 SESSIONS = ("batch", "progressive", "dual")
@@ -44,8 +44,8 @@ class PlaceAPI(ls.LitAPI):
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         self.router = TenantRouter(Registry(self.config.registry_url, self.config.blobs))
-        self.studio = Studio(load_base(self.config.base), registry=self.router,
-                             default_steps=self.config.place_steps or default_steps(self.config.base))
+        self.studio = Studio.load(self.config.base, registry=self.router)
+        self.studio.default_steps = self.config.place_steps or self.studio.default_steps
         self.fingerprint = self.studio.base.fingerprint()
 
     def decode_request(self, request):
