@@ -115,8 +115,8 @@ class SceneData(Dataset):
         v2.RandomApply([v2.ElasticTransform(alpha=20.0, sigma=5.0, fill=1.0)], p=0.3),
     ])
 
-    def __init__(self, length: int, seed: int = 0, stage: str = "unet"):
-        self.length, self.seed, self.stage = length, seed, stage
+    def __init__(self, length: int, seed: int = 0, stage: str = "unet", loose: float = 0.0):
+        self.length, self.seed, self.stage, self.loose = length, seed, stage, loose
 
     def __len__(self):
         return self.length
@@ -131,11 +131,18 @@ class SceneData(Dataset):
             if pick == 3:  # what the UNet's masked-image channels encode: the scene, box zeroed
                 img = img * (1 - box_mask((SIZE, SIZE), scene.mask_box))[None]
             return {"image": img}
-        if rng.random() < 0.5:
+        pick = rng.random()
+        if pick < 0.5:
             mask = box_mask((SIZE, SIZE), scene.mask_box)
-        else:
+        elif pick < 1.0 - self.loose:
             mask = bezier_mask((SIZE, SIZE), scene.mask_box, np.random.default_rng(rng.integers(2**31)), max_offset=2)
             mask = torch.maximum(mask, box_mask((SIZE, SIZE), scene.box))  # never cut into the product
+        else:  # a loose box with the product somewhere inside, as users draw them (not in the paper)
+            x0, y0, x1, y1 = scene.mask_box
+            w, h = x1 - x0, y1 - y0
+            g = rng.uniform(0.1, 0.5, size=4) * np.array([w, h, w, h])
+            mask = box_mask((SIZE, SIZE), (max(0, int(x0 - g[0])), max(0, int(y0 - g[1])),
+                                           min(SIZE, int(x1 + g[2]) + 1), min(SIZE, int(y1 + g[3]) + 1)))
         torch.manual_seed(int(rng.integers(2**31)))
         if rng.random() < 0.7:
             reference = to_unit(scene.exemplar)
@@ -234,10 +241,10 @@ class DemoBaseModule(L.LightningModule):
 
     def on_train_batch_end(self, *args):
         decay = min(self.ema_decay, (1 + self.global_step) / (10 + self.global_step))
-        with torch.no_grad():
-            for ema, live in ((self.ema_unet, self.unet), (self.ema_encoder, self.encoder)):
-                for pe, pl in zip(ema.parameters(), live.parameters()):
-                    pe.lerp_(pl, 1 - decay)
+        with torch.no_grad():  # one fused update: a per-tensor loop is launch-bound on an accelerator
+            ema = [*self.ema_unet.parameters(), *self.ema_encoder.parameters()]
+            live = [*self.unet.parameters(), *self.encoder.parameters()]
+            torch._foreach_lerp_(ema, live, 1 - decay)
 
     def configure_optimizers(self):
         params = list(self.unet.parameters()) + list(self.encoder.parameters())
@@ -249,22 +256,27 @@ class DemoBaseModule(L.LightningModule):
 # ------------------------------------------------------------------------------------------------ main
 
 
-def fit(module, data, steps, batch, workdir: Path, name: str, seed: int):
+def fit(module, data, steps, batch, workdir: Path, name: str, seed: int, *, accelerator="cpu", workers=1,
+        max_minutes=None, ckpt_every=100):
+    """One Lightning stage. `max_minutes` caps the stage's wall time (an accelerator run sized by time, not
+    steps: the step count it reached is in the trainer and goes into training.json)."""
     ckpt_dir = workdir / name
     last = ckpt_dir / "last.ckpt"
     trainer = L.Trainer(
         max_steps=steps,
-        accelerator="cpu",
+        max_time={"minutes": max_minutes} if max_minutes else None,
+        accelerator=accelerator,
         devices=1,
         logger=False,
         enable_model_summary=False,
         callbacks=[
-            L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=100, save_top_k=0),
+            L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=ckpt_every, save_top_k=0),
         ],
         gradient_clip_val=1.0,
         deterministic=False,
     )
-    loader = DataLoader(data, batch_size=batch, num_workers=1, persistent_workers=True, shuffle=False)
+    loader = DataLoader(data, batch_size=batch, num_workers=workers, persistent_workers=True, shuffle=False,
+                        pin_memory=accelerator != "cpu")
     L.seed_everything(seed, workers=True)
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
     return trainer
@@ -296,29 +308,53 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--decoder-steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=24)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--loose", type=float, default=0.0, help="share of loose-box masks, taken from the Bezier half")
+    parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--accelerator", default="cpu", help="cpu (the 40-minute recipe), gpu or auto")
+    parser.add_argument("--workers", type=int, default=1, help="data-loader processes (scenes are drawn on the CPU)")
+    parser.add_argument("--minutes", type=float, nargs=3, default=None, metavar=("VAE", "UNET", "DECODER"),
+                        help="wall-time cap per stage; the steps reached are recorded")
+    parser.add_argument("--ckpt-every", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=8e-4, help="stage 2 learning rate")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue stage 2 from a saved demo base: its VAE is kept (stages 1 and 3 skipped) and its "
+                             "UNet and encoder train on with a fresh optimizer (use another --seed for new scenes)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("high")  # TF32 on an accelerator; no effect on the CPU
+    caps = args.minutes or (None, None, None)
+    run = dict(accelerator=args.accelerator, workers=args.workers, ckpt_every=args.ckpt_every)
     started = time.time()
     vae, unet, encoder, features = demo_networks(args.seed)
-
-    # stage 1: the VAE
-    vae_module = VAEModule(vae, steps=args.vae_steps)
-    fit(vae_module, SceneData(args.vae_steps * 16, args.seed, "vae"), args.vae_steps, 16, args.workdir, "vae", args.seed)
-    vae.eval()
-    point_posterior(vae)
-    vae.register_to_config(scaling_factor=latent_scale(vae, seed=args.seed))
+    done = {}
+    if args.init:  # the VAE, its latent scale and the scenes' latents stay exactly those stage 2 learned on
+        init = ExemplarInpainter.from_pretrained(args.init)
+        vae, unet, encoder = init.vae, init.unet.requires_grad_(True).train(), init.image_encoder.requires_grad_(True).train()
+        args.vae_steps = args.decoder_steps = 0
+    else:  # stage 1: the VAE
+        vae_module = VAEModule(vae, steps=args.vae_steps)
+        done["vae"] = fit(vae_module, SceneData(args.vae_steps * args.vae_batch, args.seed, "vae"), args.vae_steps,
+                          args.vae_batch, args.workdir, "vae", args.seed, max_minutes=caps[0], **run).global_step
+        vae.cpu().eval()
+        point_posterior(vae)
+        vae.register_to_config(scaling_factor=latent_scale(vae, seed=args.seed))
     vae_minutes = (time.time() - started) / 60
 
     # stage 2: UNet + image encoder
-    module = DemoBaseModule(vae, unet, encoder)
-    fit(module, SceneData(args.steps * args.batch, args.seed, "unet"), args.steps, args.batch, args.workdir, "unet", args.seed)
+    module = DemoBaseModule(vae, unet, encoder, lr=args.lr, ema_decay=args.ema_decay)
+    done["unet"] = fit(module, SceneData(args.steps * args.batch, args.seed, "unet", args.loose), args.steps, args.batch,
+                       args.workdir, "unet", args.seed, max_minutes=caps[1], **run).global_step
 
     # stage 3: the decoder, encoder frozen
-    fit(DecoderModule(vae), SceneData(args.decoder_steps * 16, args.seed + 1, "vae"), args.decoder_steps, 16,
-        args.workdir, "decoder", args.seed)
-    vae.eval()
+    if args.decoder_steps:
+        done["decoder"] = fit(DecoderModule(vae), SceneData(args.decoder_steps * args.vae_batch, args.seed + 1, "vae"),
+                              args.decoder_steps, args.vae_batch, args.workdir, "decoder", args.seed,
+                              max_minutes=caps[2], **run).global_step
+    vae.cpu().eval()
+    module.cpu()
 
     base = ExemplarInpainter(vae, module.ema_unet, module.ema_encoder, demo_scheduler(), features, name="subjectpaint-demo")
     base.to(device="cpu", dtype=torch.float16)  # shipped in half precision (loads as float32)
@@ -331,6 +367,14 @@ def main(argv=None):
         "steps": args.steps,
         "decoder_steps": args.decoder_steps,
         "batch": args.batch,
+        "vae_batch": args.vae_batch,
+        "ema_decay": args.ema_decay,
+        "loose": args.loose,
+        "lr": args.lr,
+        "init": str(args.init) if args.init else None,
+        "accelerator": args.accelerator,
+        "steps_done": done,
+        "device": torch.cuda.get_device_name() if args.accelerator != "cpu" and torch.cuda.is_available() else "cpu",
         "vae_minutes": round(vae_minutes, 1),
         "total_minutes": round((time.time() - started) / 60, 1),
         "torch_threads": torch.get_num_threads(),
