@@ -7,11 +7,13 @@ verifies the sha256. This class is the only place that opens SQLAlchemy sessions
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import time
-from typing import Any, Callable, Mapping, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 from sqlalchemy import and_, delete, func, or_, select, update
@@ -30,6 +32,15 @@ from .schema import FINGERPRINT_LENGTH, AdapterVersion, BaseModel, Subject
 from .tenants import DEFAULT_TENANT, TenantAdmin
 
 T = TypeVar("T")
+_HASHER: ThreadPoolExecutor | None = None
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """One background thread that hashes blobs while the caller decodes them."""
+    global _HASHER
+    if _HASHER is None:
+        _HASHER = ThreadPoolExecutor(1, thread_name_prefix="adapters-store-sha256")
+    return _HASHER
 
 
 def default_home() -> str:
@@ -277,30 +288,55 @@ class Registry(TenantAdmin):
             return session.scalar(select(func.count()).select_from(AdapterVersion).join(Subject)
                                   .where(Subject.tenant_id == self._tenant_id(session)))
 
-    def _read_verified(self, record: AdapterRecord) -> bytes:
+    def _blob(self, record: AdapterRecord) -> bytes:
         try:
-            data = self.blobs.read(record.sha256)
+            return self.blobs.read(record.sha256)
         except FileNotFoundError:
             raise AdapterCorrupt(record.ref, record.sha256, "is missing") from None
-        actual = sha256_hex(data)
+
+    @staticmethod
+    def _check(record: AdapterRecord, data: bytes, actual: str) -> None:
         if actual != record.sha256:
             raise AdapterCorrupt(record.ref, record.sha256,
                                  f"does not verify: its {len(data)} bytes hash to {actual}")
-        return data
+
+    @contextlib.contextmanager
+    def verifying(self, record: AdapterRecord | str) -> Iterator[dict[str, torch.Tensor]]:
+        """The adapter's decoded tensors while its blob's sha256 is computed beside the caller (hashlib
+        releases the GIL): the block may prepare from them (lay out, convert) but must not publish.
+        Leaving the block waits for the hash and raises `AdapterCorrupt` if the bytes are not the ones
+        registered, also when the block itself failed on them, so nothing made from them escapes.
+        The tensors are the decoder's own (no copies) and are not cached here."""
+        record = self._own(record)
+        data = self._blob(record)
+        digest = _hasher().submit(sha256_hex, data)
+        try:
+            tensors = adapter_file.decode(data)  # the Rust parser bounds-checks; never unpickles
+        except InvalidAdapter as exc:
+            self._check(record, data, digest.result())
+            raise AdapterCorrupt(record.ref, record.sha256, str(exc)) from None  # hashes right: bad at write
+        try:
+            yield tensors
+        except BaseException:
+            self._check(record, data, digest.result())
+            raise
+        self._check(record, data, digest.result())
 
     def _decode_verified(self, record: AdapterRecord) -> dict[str, torch.Tensor]:
-        try:
-            return adapter_file.decode(self._read_verified(record))
-        except InvalidAdapter as exc:  # hashes right but does not parse: corrupt at write time
-            raise AdapterCorrupt(record.ref, record.sha256, str(exc)) from None
+        with self.verifying(record) as tensors:
+            return tensors
+
+    def _own(self, record: AdapterRecord | str) -> AdapterRecord:
+        if not isinstance(record, AdapterRecord):
+            return self.get(record)
+        if record.tenant != self.tenant:  # a record handed out by another tenant's view
+            raise AdapterNotFound(record.ref)
+        return record
 
     def load(self, record: AdapterRecord | str) -> dict[str, torch.Tensor]:
         """The adapter's tensors (fresh copies). Blob bytes are verified against the row's sha256
         before decoding; only verified tensors enter the RAM cache."""
-        if not isinstance(record, AdapterRecord):
-            record = self.get(record)
-        elif record.tenant != self.tenant:   # a record handed out by another tenant's view
-            raise AdapterNotFound(record.ref)
+        record = self._own(record)
         cached = self.cache.get_or_load(record.sha256, lambda: self._decode_verified(record))
         return {k: v.clone() for k, v in cached.items()}
 
@@ -379,7 +415,8 @@ class Registry(TenantAdmin):
     def export(self, ref: str, path: str | os.PathLike) -> AdapterRecord:
         """Write ``ref`` as an interchange file (blob metadata + subject, version, created)."""
         record = self.get(ref)
-        data = self._read_verified(record)
+        data = self._blob(record)
+        self._check(record, data, sha256_hex(data))
         header = adapter_file.header_metadata(data)
         header.update(subject=record.name, version=str(record.version),
                       created=record.created.isoformat())

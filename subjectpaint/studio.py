@@ -238,12 +238,15 @@ class Studio:
             key = f"{record.sha256}:{self.max_rank}"
 
             def load():
-                tensors = self._registry().load(record)  # verified against the row's sha256
                 meta = dict(record.metadata or {})
                 if record.alpha is not None:
                     meta.setdefault("lora_alpha", record.alpha)
                 meta.setdefault("base_fingerprint", record.base_fingerprint)
-                return {"flat": self.slots.layout(Adapter.from_state_dict(tensors, meta, record.ref))}
+                # laid out while the blob's sha256 is checked beside us; a blob that does not verify
+                # raises on leaving the block, so its layout never reaches the RAM tier
+                with self._registry().verifying(record) as tensors:
+                    flat = self.slots.layout(Adapter.from_state_dict(tensors, meta, record.ref))
+                return {"flat": flat}
 
             return self.adapter_cache.get_or_load(key, load)["flat"]
         adapter = getattr(source, "adapter", source)

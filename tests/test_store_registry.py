@@ -216,6 +216,27 @@ def test_flipped_byte_raises_corrupt_naming_adapter(reg, where):
     assert reg.verify() == ["blue-mug@1"]
 
 
+def test_verifying_lets_nothing_made_from_corrupt_bytes_escape(sqlite_reg):
+    rec = sqlite_reg.register("mug", lora(0))
+    with sqlite_reg.verifying(rec) as tensors:              # a good blob: the decoded tensors, uncached
+        assert same(tensors, lora(0))
+    assert rec.sha256 not in sqlite_reg.cache
+    flip_byte(Path(sqlite_reg.blobs.path(rec.sha256)))      # data bytes: still parses, hash differs
+    made = []
+    with pytest.raises(AdapterCorrupt, match="mug@1.*does not verify"):
+        with sqlite_reg.verifying(rec) as tensors:
+            made.append({k: v * 2 for k, v in tensors.items()})  # the block runs ...
+    assert len(made) == 1                                    # ... but its exit raises
+    with pytest.raises(AdapterCorrupt, match="mug@1"):      # a block that trips on the bytes reports the
+        with sqlite_reg.verifying(rec):                      # corruption, not its own error
+            raise ValueError("shapes do not fit")
+    sqlite_reg.create_tenant("someone-else")
+    other = sqlite_reg.for_tenant("someone-else")
+    with pytest.raises(AdapterNotFound):                     # another tenant's record is not there
+        with other.verifying(rec):
+            pass
+
+
 def test_corruption_after_caching_is_found_by_verify_and_evicted(sqlite_reg):
     rec = sqlite_reg.register("mug", lora(0))
     sqlite_reg.load(rec)                                              # verified, now cached

@@ -28,6 +28,9 @@ class TenantRouter:
     def load(self, record):
         return self.registry.for_tenant(record.tenant).load(record)
 
+    def verifying(self, record):
+        return self.registry.for_tenant(record.tenant).verifying(record)
+
 
 class PlaceAPI(ls.LitAPI):
     def __init__(self, config: ServeConfig):
