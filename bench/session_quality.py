@@ -65,7 +65,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="4 scenes, 10 steps")
     parser.add_argument("--grid", type=Path, default=None, help="write a figure of the first --grid-scenes scenes")
     parser.add_argument("--grid-scenes", type=int, default=6)
+    parser.add_argument("--dual", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="dual-branch settings other than the defaults, e.g. embedding_lambda=1.0 inject=false")
     args = parser.parse_args()
+    dual_settings = {k: (v.lower() == "true") if v.lower() in ("true", "false") else float(v)
+                     for k, v in (item.split("=", 1) for item in args.dual)}
     if args.quick:
         args.n, args.steps = min(args.n, 4), 10
 
@@ -75,7 +79,7 @@ def main():
 
     studio = Studio.load(args.base)
     size = studio.base.resolution
-    sessions = {"dual_branch": studio.dual_branch(steps=args.steps, seed=0)}  # DDIM by default
+    sessions = {"dual_branch": studio.dual_branch(steps=args.steps, seed=0, **dual_settings)}  # DDIM by default
     try:
         sessions["progressive"] = studio.progressive(steps=args.steps, seed=0, scheduler="ddim", progress=False)
     except Exception as exc:  # noqa: BLE001 -- the progressive session is another issue's; report it pending
@@ -140,7 +144,7 @@ def main():
         print(f"wrote {args.grid}")
     dual_s, plain_s = summary["dual_branch"], summary["plain"]
     print(json.dumps({
-        "bench": "session_quality", "n": args.n, "steps": args.steps, "model": studio.base.name,
+        "bench": "session_quality", "n": args.n, "steps": args.steps, "model": studio.base.name, "dual": dual_settings,
         "seconds": round(time.time() - started, 1), **{m: summary[m] for m in METHODS},
         "grounding_iou": {k: {"mean": round(v[0], 4), "sd": round(v[1], 4)} for k, v in g.items()},
         "dual_preserves_structure_better": isinstance(dual_s, dict) and dual_s["structure"] > plain_s["structure"],
