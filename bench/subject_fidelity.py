@@ -94,6 +94,7 @@ def main(argv=None):
     ap.add_argument("--base", default=None,
                     help="default the demo base; 'tiny' for a smoke run; or a local Paint-by-Example directory")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--composite-p", type=float, default=0.6, help="share of targets composited onto rooms")
     args = ap.parse_args(argv)
     if args.quick:
         args.products, args.scenes, args.steps, args.sample_steps = 2, 4, args.steps or 40, 10
@@ -122,6 +123,7 @@ def main(argv=None):
             t0 = time.time()
             subject = Subject.train(photos, f"p{ps}", studio, rank=args.rank, steps=steps, batch_size=args.batch,
                                     lr=lr, dropout=args.dropout, seed=args.seed, targets=tuple(args.targets), storage="fp32", detector=None,
+                                    composite_p=args.composite_p,
                                     progress=False)
             train_s = time.time() - t0
             base_psnr = place(studio, scenes, args.sample_steps, args.seed)
@@ -146,7 +148,7 @@ def main(argv=None):
     summary = {
         "bench": "subject_fidelity", "quick": args.quick, "validate": args.validate, "base": base.name,
         "products": len(rows), "scenes_per_product": args.scenes, "train_steps": steps, "lr": lr,
-        "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "batch": args.batch, "sample_steps": args.sample_steps,
+        "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p, "batch": args.batch, "sample_steps": args.sample_steps,
         "psnr_base": round(mean["base"], 3),
         **{f"psnr_{n}": round(mean[n], 3) for n in names},
         "gain_db_default_storage": round(mean["int8"] - mean["base"], 3),

@@ -81,11 +81,12 @@ def corrupt_file(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["zero photos", "corrupt file", "uniform image", "missing file", "bad name",
-                                  "bad rank"])
+                                  "bad rank", "bad composite share"])
 def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_path, case):
     name, images, kw = "mug", list(photos), {}
     expected = {"zero photos": InvalidArgument, "corrupt file": InvalidImage, "uniform image": InvalidImage,
-                "missing file": InvalidImage, "bad name": InvalidName, "bad rank": InvalidArgument}[case]
+                "missing file": InvalidImage, "bad name": InvalidName, "bad rank": InvalidArgument,
+                "bad composite share": InvalidArgument}[case]
     if case == "zero photos":
         images = []
     elif case == "corrupt file":
@@ -96,8 +97,10 @@ def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_pat
         images[0] = str(tmp_path / "nope.png")
     elif case == "bad name":
         name = "../etc/passwd"
-    else:
+    elif case == "bad rank":
         kw["rank"] = 0
+    else:
+        kw["composite_p"] = 1.5
     with pytest.raises(expected) as info:
         Subject.train(images, name, studio, **{**FAST, **kw})
     assert isinstance(info.value, (SubjectPaintError, InvalidName))
