@@ -42,7 +42,9 @@ def test_demo_command_writes_a_png(tmp_path):
 def test_the_right_exemplar_beats_a_wrong_one_and_no_exemplar(studio):
     rows, _, _ = run_fidelity(studio, n=8, steps=10, seed=0, batch=8, progress=False)
     mean = {v: statistics.mean(r["psnr"] for r in rows if r["variant"] == v) for v in ("right", "mismatched", "uncond")}
-    assert mean["right"] > mean["mismatched"] + 1.0
+    # the shipped base on these 8 scenes at 10 steps: right 15.14, mismatched 12.78, uncond 14.83 dB
+    assert mean["right"] > mean["mismatched"] + 1.5, mean
+    assert mean["right"] > mean["uncond"], mean  # the exemplar adds more than a plain unconditional fill
     assert max(r["bg_max"] for r in rows) == 0  # paste-back: the room outside the mask is untouched
 
 

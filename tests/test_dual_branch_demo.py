@@ -38,10 +38,10 @@ def test_grounded_mask_finds_the_product_inside_the_loose_box(placed):
         assert not (grounded & ~user).any()
         grounded_iou.append(iou(grounded, silhouette))
         box_iou.append(iou(user, silhouette))
-    # the goal is a mean IoU >= 0.6 (bench/session_quality.py reports it on 50 scenes: 0.40 +- 0.18);
-    # the shipped demo base reaches 0.51 on these 6 (0.34-0.64), so the test holds the line a regression crosses
-    assert statistics.mean(grounded_iou) >= 0.45, grounded_iou
-    assert min(grounded_iou) >= 0.3, grounded_iou
+    # the goal is a mean IoU >= 0.6 (bench/session_quality.py reports it on 50 scenes: 0.640 +- 0.136);
+    # the shipped demo base reaches 0.63 on these 6 (0.42-0.76), so the test holds the line a regression crosses
+    assert statistics.mean(grounded_iou) >= 0.55, grounded_iou
+    assert min(grounded_iou) >= 0.35, grounded_iou
     # grounding is not the box itself: it is much tighter than the user's loose box
     assert statistics.mean(grounded_iou) > statistics.mean(box_iou) + 0.1
 
@@ -51,7 +51,7 @@ def test_source_branch_reconstructs_the_room(placed):
 
     scenes, outs = placed
     # inside the mask the source branch stays closer to the room than the target branch, which puts the product
-    # there (measured on the shipped base: source 19-27 dB per scene, target 16-21 dB)
+    # there (measured on the shipped base: source 19.8-32.4 dB per scene, target 12.6-23.0 dB)
     source = [masked_psnr(out.source, sc.room, sc.mask) for sc, out in zip(scenes, outs)]
     target = [masked_psnr(out.image, sc.room, sc.mask) for sc, out in zip(scenes, outs)]
     assert min(source) > 17.0
