@@ -43,6 +43,14 @@ def _hasher() -> ThreadPoolExecutor:
     return _HASHER
 
 
+def _forget_hasher() -> None:
+    global _HASHER
+    _HASHER = None  # a forked child has the executor but not its thread: work sent there would never run
+
+
+os.register_at_fork(after_in_child=_forget_hasher)
+
+
 def default_home() -> str:
     return os.path.expanduser(os.environ.get("SUBJECTPAINT_HOME") or "~/.subjectpaint")
 

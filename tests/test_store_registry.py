@@ -237,6 +237,25 @@ def test_verifying_lets_nothing_made_from_corrupt_bytes_escape(sqlite_reg):
             pass
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_verified_load_works_in_a_forked_child(sqlite_reg):
+    """The background hasher's thread does not survive fork(); a child must get its own, not wait forever."""
+    rec = sqlite_reg.register("mug", lora(0))
+    sqlite_reg.load(rec)  # the parent's hasher thread now exists
+    sqlite_reg.cache.clear()
+    pid = os.fork()
+    if pid == 0:  # child: a cold, verified load, then report through the exit code
+        import signal
+        signal.alarm(20)  # a hang becomes a failure, not a stuck test run
+        try:
+            ok = same(sqlite_reg.load(rec), lora(0))
+        except BaseException:  # noqa: BLE001
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
 def test_corruption_after_caching_is_found_by_verify_and_evicted(sqlite_reg):
     rec = sqlite_reg.register("mug", lora(0))
     sqlite_reg.load(rec)                                              # verified, now cached
