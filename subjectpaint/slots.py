@@ -1,10 +1,13 @@
 """Hot-swap LoRA slots: injected once at a maximum rank; a swap is one in-place tensor copy.
 
 Every target Linear (by default the UNet attention projections to_q, to_k, to_v, to_out.0) is wrapped once in
-a `SlotLinear` whose LoRA factors are *views into one flat buffer* shared by all slots. An adapter is laid out
-once (`Slots.layout`) into a flat tensor of the same layout -- A zero-padded to the max rank, B zero-padded and
-pre-multiplied by the adapter's scale -- so `activate` is a single `copy_` of that tensor, whatever the number
-of layers. Nothing is created or deleted per swap.
+a `SlotLinear` whose LoRA factors are *views into one buffer* shared by all slots. The buffer is rank-major:
+row i holds the i-th rank component of every layer, [A_1[i] | B_1^T[i] | A_2[i] | B_2^T[i] | ...], so the first r
+rows are a complete rank-r LoRA. An adapter is laid out once (`Slots.layout`) as its own r rows -- B transposed and
+pre-multiplied by the adapter's scale, layers the adapter leaves out zero -- and `activate` is a single `copy_` of
+those r rows (plus zeroing the rows a higher-rank predecessor used): a swap moves r/max_rank of the buffer,
+whatever the number of layers.
+Nothing is created or deleted per swap.
 
 Like PEFT's LoRA layer, a slot adds `B(A(x))` to the base output; it does nothing else. `deactivate()` skips the
 addition entirely, so the output is the base's bit for bit. A mixed batch (several subjects in one UNet call)
@@ -152,15 +155,15 @@ class _SlotState:
 
 
 class SlotLinear(nn.Module):
-    """base(x) + B(A(x)); A and B are views into the shared flat buffers. Scale is folded into B."""
+    """base(x) + B(A(x)); A and B^T are views into the shared buffer's rows. Scale is folded into B."""
 
-    def __init__(self, base: nn.Linear, state: _SlotState, A: torch.Tensor, B: torch.Tensor, offsets):
+    def __init__(self, base: nn.Linear, state: _SlotState, A: torch.Tensor, Bt: torch.Tensor, columns):
         super().__init__()
         self.base, self.state = base, state
-        self.A, self.B = A, B  # (R, in), (out, R) views, not parameters: swapping never touches the graph
-        self.offsets = offsets  # (a0, a1, b0, b1) into the flat layout, for the bank views
+        self.A, self.Bt = A, Bt  # (R, in), (R, out) views, not parameters: swapping never touches the graph
+        self.columns = columns  # (a0, a1, b0, b1): this layer's columns in a laid-out row, for the bank views
         self.bank_A: torch.Tensor | None = None
-        self.bank_B: torch.Tensor | None = None
+        self.bank_Bt: torch.Tensor | None = None
 
     @property
     def weight(self):  # attention processors read the projection's weight dtype / device
@@ -177,18 +180,18 @@ class SlotLinear(nn.Module):
             rows = state.rows
             if x.shape[0] != rows.shape[0]:  # classifier-free guidance doubled the batch: [uncond; cond]
                 rows = rows.repeat(x.shape[0] // rows.shape[0])
-            a, b = self.bank_A[rows], self.bank_B[rows]  # (N, R, in), (N, out, R)
+            a, bt = self.bank_A[rows], self.bank_Bt[rows]  # (N, R, in), (N, R, out)
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), bt)
             return out + delta.reshape(out.shape)
         if state.regions is not None:
             return out + state.regions.delta(self, x)
         if state.active:
-            # the same bmm pair as the mixed path (A, B broadcast over rows), so a mixed batch and a
-            # single-subject batch round identically
+            # the same bmm pair at the same (max) rank as the mixed path (A, B broadcast over rows), so a mixed
+            # batch and a single-subject batch round identically; rows past the adapter's rank are zero
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
             n = flat.shape[0]
-            delta = torch.bmm(torch.bmm(flat, self.A.t().expand(n, -1, -1)), self.B.t().expand(n, -1, -1))
+            delta = torch.bmm(torch.bmm(flat, self.A.t().expand(n, -1, -1)), self.Bt.expand(n, -1, -1))
             return out + delta.reshape(out.shape)
         return out
 
@@ -206,22 +209,20 @@ class Slots:
             raise InvalidAdapter(f"no Linear modules match the targets {self.targets}")
         param = next(unet.parameters())
         self.shapes: dict[str, tuple[int, int]] = {}
-        self.offsets: dict[str, tuple[int, int, int, int]] = {}
-        total = 0
+        self.columns: dict[str, tuple[int, int, int, int]] = {}
+        width = 0
         for name, lin in modules:
             out_f, in_f = lin.weight.shape
-            a0, a1 = total, total + self.max_rank * in_f
-            b0, b1 = a1, a1 + out_f * self.max_rank
-            self.shapes[name], self.offsets[name], total = (in_f, out_f), (a0, a1, b0, b1), b1
-        self.flat = torch.zeros(total, device=param.device, dtype=param.dtype)
+            self.shapes[name] = (in_f, out_f)
+            self.columns[name] = (width, width + in_f, width + in_f, width + in_f + out_f)
+            width += in_f + out_f
+        self.width = width
+        self.flat = torch.zeros(self.max_rank, width, device=param.device, dtype=param.dtype)
+        self._used = 0  # rows of `flat` that may be non-zero
         self.layers: dict[str, SlotLinear] = {}
         for name, lin in modules:
-            in_f, out_f = self.shapes[name]
-            a0, a1, b0, b1 = self.offsets[name]
-            slot = SlotLinear(
-                lin, self.state, self.flat[a0:a1].view(self.max_rank, in_f), self.flat[b0:b1].view(out_f, self.max_rank),
-                self.offsets[name],
-            )
+            a0, a1, b0, b1 = self.columns[name]
+            slot = SlotLinear(lin, self.state, self.flat[:, a0:a1], self.flat[:, b0:b1], self.columns[name])
             parent_name, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent_name) if parent_name else unet, child, slot)
             self.layers[name] = slot
@@ -229,15 +230,17 @@ class Slots:
     # ------------------------------------------------------------------ layout (once per adapter)
 
     def layout(self, adapter: Adapter) -> torch.Tensor:
-        """Check every name, shape, rank and the base fingerprint, then lay the adapter out as one flat tensor
-        matching the slots (A zero-padded; B zero-padded and scaled). Raises before anything is touched."""
+        """Check every name, shape, rank and the base fingerprint, then lay the adapter out as its own rank rows
+        of the slots' buffer: (rank, width), A as is, B transposed and scaled, layers it leaves out (and rank
+        components a lower-rank layer lacks) zero. Raises before anything is touched."""
         if adapter.base_fingerprint and self.fingerprint and adapter.base_fingerprint != self.fingerprint:
             raise BaseMismatch(
                 f"adapter {adapter.name!r} was trained for base {adapter.base_fingerprint[:12]}..., "
                 f"this base is {self.fingerprint[:12]}..."
             )
-        flat = torch.zeros_like(self.flat)
-        for path, (a, b, scale) in adapter.factors.items():
+        if not adapter.factors:
+            raise InvalidAdapter(f"adapter {adapter.name!r} has no LoRA factors")
+        for path, (a, b, _) in adapter.factors.items():
             if path not in self.shapes:
                 raise InvalidAdapter(f"adapter {adapter.name!r} targets {path!r}, which has no slot in this UNet")
             in_f, out_f = self.shapes[path]
@@ -249,25 +252,51 @@ class Slots:
                     f"adapter {adapter.name!r}: {path} factors {tuple(a.shape)}/{tuple(b.shape)} do not fit "
                     f"a {in_f}->{out_f} projection"
                 )
-            a0, a1, b0, b1 = self.offsets[path]
-            flat[a0:a1].view(self.max_rank, in_f)[:r] = a.to(flat.dtype)
-            flat[b0:b1].view(out_f, self.max_rank)[:, :r] = (b.float() * scale).to(flat.dtype)
-        # NaN/inf propagate into the sum: one reduction over the laid-out buffer instead of two checks per target
+        rank = adapter.rank
+        laid = torch.empty(rank, self.width, device=self.flat.device, dtype=self.flat.dtype)
+        for path, (a0, _, _, b1) in self.columns.items():
+            if path not in adapter.factors:
+                laid[:, a0:b1] = 0
+        for path, (a, b, scale) in adapter.factors.items():
+            a0, a1, b0, b1 = self.columns[path]
+            r = a.shape[0]
+            laid[:r, a0:a1] = a
+            laid[:r, b0:b1] = (b.float() * scale).t()
+            if r < rank:
+                laid[r:, a0:b1] = 0
+        # NaN/inf propagate into the sum: one reduction over the laid-out rows instead of two checks per target
         # (the exact check runs only when the sum is not finite, e.g. a sum that overflowed)
-        if not torch.isfinite(flat.sum()) and not torch.isfinite(flat).all():
+        if not torch.isfinite(laid.sum()) and not torch.isfinite(laid).all():
             bad = [p for p, (a, b, sc) in adapter.factors.items()
                    if not (a.isfinite().all() and b.isfinite().all() and math.isfinite(sc))]
             raise InvalidAdapter(f"adapter {adapter.name!r}: {', '.join(bad[:3]) or 'its scale'} has non-finite values")
-        return flat
+        return laid
+
+    def _check_laid(self, laid: torch.Tensor) -> None:
+        if laid.ndim != 2 or laid.shape[1] != self.width or not 1 <= laid.shape[0] <= self.max_rank:
+            raise InvalidAdapter(f"a laid-out adapter is (rank <= {self.max_rank}, {self.width}); "
+                                 f"got {tuple(laid.shape)}")
+
+    def _bank(self, laid: list[torch.Tensor]) -> torch.Tensor:
+        """(K, max_rank, width): the adapters' rows, zero-padded (to the max rank, as the active slots compute)."""
+        for t in laid:
+            self._check_laid(t)
+        bank = self.flat.new_zeros(len(laid), self.max_rank, self.width)
+        for k, t in enumerate(laid):
+            bank[k, : t.shape[0]] = t
+        return bank
 
     # ------------------------------------------------------------------ swap
 
     def activate(self, adapter: Adapter | torch.Tensor, name: str | None = None) -> None:
-        """Make `adapter` (an Adapter, or a tensor from `layout`) the active one: one in-place copy."""
-        flat = adapter if isinstance(adapter, torch.Tensor) else self.layout(adapter)
-        if flat.shape != self.flat.shape:
-            raise InvalidAdapter(f"laid-out adapter has {flat.numel()} values, the slots hold {self.flat.numel()}")
-        self.flat.copy_(flat, non_blocking=True)
+        """Make `adapter` (an Adapter, or a tensor from `layout`) the active one: one in-place copy of its rows."""
+        laid = adapter if isinstance(adapter, torch.Tensor) else self.layout(adapter)
+        self._check_laid(laid)
+        r = laid.shape[0]
+        self.flat[:r].copy_(laid, non_blocking=True)
+        if self._used > r:  # the previous adapter's extra rank rows
+            self.flat[r:self._used].zero_()
+        self._used = r
         self.state.active = True
         self.active_name = name or getattr(adapter, "name", "adapter")
 
@@ -278,36 +307,33 @@ class Slots:
     @contextlib.contextmanager
     def mixed(self, adapters: list[Adapter | torch.Tensor], rows: torch.Tensor):
         """Within the block, batch row i uses adapters[rows[i]] (-1: none). Adapters are stacked once."""
-        flats = [a if isinstance(a, torch.Tensor) else self.layout(a) for a in adapters]
-        bank = torch.stack(flats + [torch.zeros_like(self.flat)])  # the last entry: no adapter
+        laid = [a if isinstance(a, torch.Tensor) else self.layout(a) for a in adapters]
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.flat.device)
-        if rows.ndim != 1 or (rows >= len(flats)).any() or (rows < -1).any():
-            raise InvalidAdapter(f"rows must index the {len(flats)} adapters (or -1 for none)")
-        rows = torch.where(rows < 0, torch.full_like(rows, len(flats)), rows)
+        if not laid or rows.ndim != 1 or (rows >= len(laid)).any() or (rows < -1).any():
+            raise InvalidAdapter(f"rows must index the {len(laid)} adapters (or -1 for none)")
+        bank = self._bank(laid + [self.flat[:1].new_zeros(1, self.width)])  # the last entry: no adapter
+        rows = torch.where(rows < 0, torch.full_like(rows, len(laid)), rows)
         for slot in self.layers.values():
-            a0, a1, b0, b1 = slot.offsets
-            slot.bank_A = bank[:, a0:a1].reshape(bank.shape[0], self.max_rank, -1)
-            slot.bank_B = bank[:, b0:b1].reshape(bank.shape[0], -1, self.max_rank)
+            a0, a1, b0, b1 = slot.columns
+            slot.bank_A, slot.bank_Bt = bank[:, :, a0:a1], bank[:, :, b0:b1]
         self.state.rows = rows
         try:
             yield
         finally:
             self.state.rows = None
             for slot in self.layers.values():
-                slot.bank_A = slot.bank_B = None
-
+                slot.bank_A = slot.bank_Bt = None
 
     @contextlib.contextmanager
     def regional(self, adapters: list[Adapter | torch.Tensor | None], weights):
         """Within the block, every token of every row gets sum_k w_k(token) * B_k A_k x: K adapters blended by
         spatial weights (several subjects in one image, one UNet call). `weights(x)` returns (N, K) weights for
         an input x of N tokens (rows of weights sum to 1); None in `adapters` is a region without an adapter."""
-        flats = [torch.zeros_like(self.flat) if a is None else a if isinstance(a, torch.Tensor) else self.layout(a)
-                 for a in adapters]
-        if not flats:
+        if not adapters:
             raise InvalidAdapter("regional mode needs at least one region")
-        bank = torch.stack(flats)
-        self.state.regions = Regional(bank, weights, self.max_rank)
+        laid = [self.flat[:1].new_zeros(1, self.width) if a is None else a if isinstance(a, torch.Tensor)
+                else self.layout(a) for a in adapters]
+        self.state.regions = Regional(self._bank(laid), weights)
         try:
             yield self.state.regions
         finally:
@@ -318,27 +344,27 @@ class Regional:
     """K laid-out adapters as one rank-K*R LoRA per layer, the rank blocks scaled per token:
     delta = ((x A_all^T) * w.repeat_interleave(R)) B_all^T = sum_k w_k B_k A_k x."""
 
-    def __init__(self, bank: torch.Tensor, weights, max_rank: int):
-        self.bank, self.weights, self.max_rank = bank, weights, max_rank
-        self.k = bank.shape[0]
+    def __init__(self, bank: torch.Tensor, weights):
+        self.bank, self.weights = bank, weights
+        self.k, self.rank = bank.shape[0], bank.shape[1]
         self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def factors(self, slot: "SlotLinear") -> tuple[torch.Tensor, torch.Tensor]:
         key = id(slot)
         if key not in self._factors:
-            a0, a1, b0, b1 = slot.offsets
-            R, K = self.max_rank, self.k
-            a = self.bank[:, a0:a1].reshape(K * R, -1)  # (K*R, in)
-            b = self.bank[:, b0:b1].reshape(K, -1, R).permute(1, 0, 2).reshape(-1, K * R)  # (out, K*R)
-            self._factors[key] = (a.t().contiguous(), b.t().contiguous())
+            a0, a1, b0, b1 = slot.columns
+            n = self.k * self.rank
+            a = self.bank[:, :, a0:a1].reshape(n, -1)  # (K*R, in)
+            bt = self.bank[:, :, b0:b1].reshape(n, -1)  # (K*R, out)
+            self._factors[key] = (a.t().contiguous(), bt.contiguous())
         return self._factors[key]
 
     def delta(self, slot: "SlotLinear", x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors(slot)
+        a, bt = self.factors(slot)
         w = self.weights(x).to(x.dtype)  # (N, K) or (B, N, K)
         h = torch.matmul(x, a)  # (..., N, K*R)
-        h = h * w.repeat_interleave(self.max_rank, dim=-1)
-        return torch.matmul(h, b)
+        h = h * w.repeat_interleave(self.rank, dim=-1)
+        return torch.matmul(h, bt)
 
 
 def _is_target(name: str, targets) -> bool:

@@ -28,8 +28,8 @@ def test_region_weights_sum_to_one_and_follow_the_maps():
 
 def test_regional_slots_give_each_token_its_regions_adapter():
     base = ExemplarInpainter.tiny(0)
+    adapters = [random_adapter(base.unet, s, rank=4) for s in (1, 2)]  # before the slots replace the Linears
     slots = Slots(base.unet, max_rank=8)
-    adapters = [random_adapter(base.unet, s, rank=4) for s in (1, 2)]
     name, layer = next((n, m) for n, m in slots.layers.items() if n.endswith("attn1.to_q"))
     x = torch.randn(2, 6, layer.base.in_features)
     owner = torch.tensor([0, 1, 1, 0, 0, 1])
@@ -42,6 +42,7 @@ def test_regional_slots_give_each_token_its_regions_adapter():
     with slots.regional(adapters, lambda inp: weights):
         got = layer(x)
     want = torch.where((owner == 0)[None, :, None], singles[0], singles[1])
+    assert (singles[0] - singles[1]).abs().min() > 1e-4  # the two adapters really differ on this layer
     assert (got - want).abs().max() < 1e-5
     # soft weights blend the deltas linearly; a region without an adapter adds nothing
     half = torch.full((6, 2), 0.5)

@@ -81,6 +81,26 @@ def test_alpha_is_honoured(fresh, adapters):
     assert (unet_out(fresh.unet) - unet_out(adapters["c"][0])).abs().max() > 1e-3
 
 
+def test_a_swap_moves_only_the_adapters_rank_rows_and_clears_a_higher_rank_predecessor(fresh, adapters):
+    slots = Slots(fresh.unet, max_rank=16, fingerprint=fresh.fingerprint())
+    c = Adapter.from_state_dict(adapters["c"][1], adapters["c"][2], "c")  # rank 16
+    d = Adapter.from_state_dict(adapters["d"][1], adapters["d"][2], "d")  # rank 2
+    laid_d = slots.layout(d)
+    assert laid_d.shape == (2, slots.width)  # rank rows only, not max_rank
+    slots.activate(c)
+    slots.activate(laid_d)
+    assert not slots.flat[2:].any()  # c's rows 2..15 are gone
+    other = ExemplarInpainter.tiny(0)
+    Slots(other.unet, max_rank=16).activate(d)
+    assert torch.equal(unet_out(fresh.unet), unet_out(other.unet))  # c -> d == only d, bit for bit
+    with pytest.raises(InvalidAdapter):
+        slots.activate(torch.zeros(17, slots.width))  # more rows than the slots have
+    with pytest.raises(InvalidAdapter):
+        slots.activate(torch.zeros(2, slots.width - 1))
+    with pytest.raises(InvalidAdapter):
+        slots.layout(Adapter({}, name="empty"))
+
+
 def test_failed_swaps_leave_the_previous_adapter_bit_for_bit(fresh, adapters):
     slots = Slots(fresh.unet, max_rank=8, fingerprint=fresh.fingerprint())
     slots.activate(Adapter.from_state_dict(adapters["a"][1], adapters["a"][2], "a"))
