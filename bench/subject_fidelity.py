@@ -94,7 +94,10 @@ def main(argv=None):
     ap.add_argument("--base", default=None,
                     help="default the demo base; 'tiny' for a smoke run; or a local Paint-by-Example directory")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--composite-p", type=float, default=0.6, help="share of targets composited onto rooms")
+    ap.add_argument("--composite-p", type=float, default=1.0, help="share of targets composited onto rooms")
+    ap.add_argument("--photos", type=int, default=3, help="retailer photos per product (the issue's setting: 3)")
+    ap.add_argument("--shadow-p", type=float, default=0.7, help="share of composites with a contact shadow")
+    ap.add_argument("--no-upright", action="store_true", help="composite the product as photographed (tilted)")
     args = ap.parse_args(argv)
     if args.quick:
         args.products, args.scenes, args.steps, args.sample_steps = 2, 4, args.steps or 40, 10
@@ -119,12 +122,12 @@ def main(argv=None):
         for ps in products:
             product, scenes = scenes_for(ps, args.scenes, args.validate, size)
             photos = [p.image.resize((size, size)) if p.image.width != size else p.image
-                      for p in product_photos(product, 3, size=64)]
+                      for p in product_photos(product, args.photos, size=64)]
             t0 = time.time()
             subject = Subject.train(photos, f"p{ps}", studio, rank=args.rank, steps=steps, batch_size=args.batch,
                                     lr=lr, dropout=args.dropout, seed=args.seed, targets=tuple(args.targets), storage="fp32", detector=None,
-                                    composite_p=args.composite_p,
-                                    progress=False)
+                                    composite_p=args.composite_p, shadow_p=args.shadow_p,
+                                    upright=not args.no_upright, progress=False)
             train_s = time.time() - t0
             base_psnr = place(studio, scenes, args.sample_steps, args.seed)
             row = {"product": ps, "shape": product.shape, "scenes": len(scenes), "train_s": round(train_s, 1),
@@ -147,8 +150,9 @@ def main(argv=None):
     print(format_table(table + [mean]))
     summary = {
         "bench": "subject_fidelity", "quick": args.quick, "validate": args.validate, "base": base.name,
-        "products": len(rows), "scenes_per_product": args.scenes, "train_steps": steps, "lr": lr,
-        "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p, "batch": args.batch, "sample_steps": args.sample_steps,
+        "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "train_steps": steps, "lr": lr,
+        "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p,
+        "shadow_p": args.shadow_p, "upright": not args.no_upright, "batch": args.batch, "sample_steps": args.sample_steps,
         "psnr_base": round(mean["base"], 3),
         **{f"psnr_{n}": round(mean[n], 3) for n in names},
         "gain_db_default_storage": round(mean["int8"] - mean["base"], 3),

@@ -125,7 +125,9 @@ class Subject:
         min_score: float = 0.7,
         labels: set[str] | None = None,
         backgrounds: Sequence | None = None,
-        composite_p: float = 0.6,
+        composite_p: float = 1.0,
+        upright: bool = True,
+        shadow_p: float = 0.7,
         storage: str = "int8",
         energy: float | None = None,
         workdir: str | os.PathLike | None = None,
@@ -139,7 +141,9 @@ class Subject:
         truncation keeping that fraction of each module's energy. `workdir`: keep Lightning checkpoints there
         (rerunning with the same arguments resumes an interrupted run). `backgrounds`: images to composite the
         product onto (default: 32 procedural demo rooms); `composite_p`: the share of training targets that are such
-        composites (the rest are the photos themselves). Raises InvalidName, InvalidArgument, InvalidImage
+        composites (the rest are the photos themselves); `upright`: stand a tilted photo's product upright in the
+        composites (`trainers.data.upright_angle`); `shadow_p`: the share of composites with a contact shadow under
+        the product (painted inside the mask, as a placement must). Raises InvalidName, InvalidArgument, InvalidImage
         (corrupt file, no product found), SubjectExists before any training or writing.
         """
         from adapters_store.naming import validate_name
@@ -156,8 +160,9 @@ class Subject:
             raise InvalidArgument("Subject.train needs at least one product photo (2-4 recommended)")
         if storage not in STORAGE:
             raise InvalidArgument(f"storage must be one of {STORAGE}, got {storage!r}")
-        if not 0.0 <= float(composite_p) <= 1.0:
-            raise InvalidArgument(f"composite_p must be in [0, 1], got {composite_p}")
+        for what, p in (("composite_p", composite_p), ("shadow_p", shadow_p)):
+            if not 0.0 <= float(p) <= 1.0:
+                raise InvalidArgument(f"{what} must be in [0, 1], got {p}")
         if energy is not None and not 0.0 < float(energy) <= 1.0:
             raise InvalidArgument(f"energy must be in (0, 1], got {energy}")
         for what, value in (("rank", rank), ("steps", steps), ("batch_size", batch_size)):
@@ -189,7 +194,7 @@ class Subject:
                            for k in range(32)]
         backgrounds = [load_image(b, "background") for b in backgrounds]
         data = SubjectDataModule.for_base(base, photos, notes, backgrounds=backgrounds, batch_size=batch_size,
-                                          seed=seed, composite_p=composite_p)
+                                          seed=seed, composite_p=composite_p, upright=upright, shadow_p=shadow_p)
         module = SubjectLoRAModule(base, rank=rank, alpha=alpha, dropout=dropout, targets=targets, lr=lr, seed=seed)
         with tempfile.TemporaryDirectory(prefix="subjectpaint-train-") as tmp:
             trainer = fit(module, data, steps, workdir if workdir is not None else tmp, progress=progress,

@@ -6,7 +6,7 @@ import torch
 
 from subjectpaint.demo.scenes import HELDOUT_PRODUCT_SEEDS, Product, make_room, product_photos
 from trainers.annotate import foreground_box
-from trainers.data import StepSampler, SubjectData, SubjectDataModule, prepare
+from trainers.data import StepSampler, SubjectData, SubjectDataModule, prepare, upright_angle
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,39 @@ def test_step_sampler_splits_ranks_and_resumes_at_a_step():
     r0, r1 = take(StepSampler(4, 0, 2), 12), take(StepSampler(4, 1, 2), 12)
     assert not set(r0) & set(r1) and sorted(r0 + r1) == list(range(24))
     assert take(StepSampler(4, 0, 1, start_step=3), 4) == take(StepSampler(4, 0, 1), 16)[12:]
+
+
+def test_upright_angle_undoes_a_known_tilt():
+    import PIL.Image
+
+    bar = np.zeros((64, 64), np.float32)
+    bar[12:52, 24:40] = 1.0  # an upright 16 x 40 product
+    assert upright_angle(bar) == 0.0
+    tilted = np.asarray(PIL.Image.fromarray(bar).rotate(12, PIL.Image.BILINEAR))
+    assert abs(upright_angle(tilted) + 12) <= 1  # rotating back by -12 degrees stands it up
+    yy, xx = np.mgrid[0:64, 0:64]
+    disc = (((yy - 32) ** 2 + (xx - 32) ** 2) < 20**2).astype(np.float32)
+    assert upright_angle(disc) == 0.0  # nothing to straighten: no rotation
+
+
+def test_contact_shadow_lies_under_the_product_and_inside_the_mask():
+    import PIL.Image
+
+    photos = [p.image for p in product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[2]), 2)]
+    cutouts = [prepare(p, foreground_box(p), 64) for p in photos]
+    grey = [PIL.Image.new("RGB", (64, 64), (150, 150, 150))]  # any darkening of it is the shadow
+    for shadow_p in (1.0, 0.0):
+        ds = SubjectData(cutouts, grey, size=64, composite_p=1.0, upright=True, shadow_p=shadow_p)
+        for i in range(6):
+            rng = np.random.default_rng([5, i])
+            image, box, extent = ds.composite(cutouts[0], rng)
+            rgb = np.asarray(image, dtype=np.float32)
+            below = rgb[box[3]:, box[0]:box[2]]  # under the product's box: only room (and shadow)
+            if shadow_p:
+                assert below.size and below.min() < 150 - 20  # a visible shadow under the product
+                dark = (rgb < 150 - 2).any(-1)
+                dark[box[1]:box[3], box[0]:box[2]] = False
+                mask = ds.mask(box, rng, extent).numpy() > 0.5
+                assert dark.any() and mask[dark].all()  # every shadow pixel is to be painted
+            else:
+                assert extent == (box[0], box[1], box[2], box[3]) and (below.size == 0 or below.min() >= 149)

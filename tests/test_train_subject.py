@@ -81,12 +81,12 @@ def corrupt_file(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["zero photos", "corrupt file", "uniform image", "missing file", "bad name",
-                                  "bad rank", "bad composite share"])
+                                  "bad rank", "bad composite share", "bad shadow share"])
 def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_path, case):
     name, images, kw = "mug", list(photos), {}
     expected = {"zero photos": InvalidArgument, "corrupt file": InvalidImage, "uniform image": InvalidImage,
                 "missing file": InvalidImage, "bad name": InvalidName, "bad rank": InvalidArgument,
-                "bad composite share": InvalidArgument}[case]
+                "bad composite share": InvalidArgument, "bad shadow share": InvalidArgument}[case]
     if case == "zero photos":
         images = []
     elif case == "corrupt file":
@@ -99,6 +99,8 @@ def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_pat
         name = "../etc/passwd"
     elif case == "bad rank":
         kw["rank"] = 0
+    elif case == "bad shadow share":
+        kw["shadow_p"] = -0.1
     else:
         kw["composite_p"] = 1.5
     with pytest.raises(expected) as info:

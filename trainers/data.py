@@ -3,7 +3,9 @@
 
 Every sample is (target, mask, reference):
 - target: a photo itself, or the product cut out with its foreground matte and composited onto a background
-  (any list of images; `Subject.train` passes demo rooms), at a random scale, position and brightness;
+  (any list of images; `Subject.train` passes demo rooms), at a random scale, position and brightness; optionally
+  stood upright (the photo's tilt undone, `upright_angle`) and with a soft contact shadow under it, since a
+  placement stands the product on a floor or table;
 - mask: the product's box grown by a random margin, as a box mask or the paper's Bezier mask (never cutting
   into the product);
 - reference: a square crop around the product in one of the photos, augmented with torchvision v2 (horizontal
@@ -45,6 +47,23 @@ class Cutout:
     box: tuple[int, int, int, int]
     matte: np.ndarray
     backdrop: tuple[int, int, int]
+    tilt: float = 0.0  # degrees (PIL's counter-clockwise) that stand the product upright: `upright_angle(matte)`
+
+
+def upright_angle(matte: np.ndarray, limit: float = 20.0, step: float = 1.0) -> float:
+    """The rotation (degrees, counter-clockwise as PIL's `rotate`) within +-`limit` that makes the product's
+    axis-aligned box smallest: the usual deskew for an object photographed slightly tilted. Ties go to the
+    smaller rotation, so an upright or round product stays as it is."""
+    m = PIL.Image.fromarray((np.clip(matte, 0, 1) * 255).astype(np.uint8), "L")
+    areas = {}
+    for angle in np.arange(-limit, limit + step / 2, step):
+        a = np.asarray(m.rotate(float(angle), PIL.Image.BILINEAR, expand=True)) > 127
+        rows, cols = np.nonzero(a.any(1))[0], np.nonzero(a.any(0))[0]
+        if not len(rows):
+            return 0.0
+        areas[float(angle)] = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+    smallest = min(areas.values())
+    return min((a for a, v in areas.items() if v <= 1.02 * smallest), key=abs)  # within resampling noise
 
 
 def prepare(photo: PIL.Image.Image, note: Annotation, size: int) -> Cutout:
@@ -68,7 +87,21 @@ def prepare(photo: PIL.Image.Image, note: Annotation, size: int) -> Cutout:
     if side != size:
         canvas = canvas.resize((size, size), PIL.Image.BICUBIC)
         matte = matte.resize((size, size), PIL.Image.BILINEAR)
-    return Cutout(canvas, box, np.clip(np.asarray(matte, dtype=np.float32), 0, 1), backdrop)
+    matte = np.clip(np.asarray(matte, dtype=np.float32), 0, 1)
+    return Cutout(canvas, box, matte, backdrop, upright_angle(matte[box[1]:box[3], box[0]:box[2]]))
+
+
+def _rotate_cutout(product: np.ndarray, matte: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate a product crop (H, W, 3 in [0, 1]) and its matte by `angle` degrees, cropped to the rotated matte."""
+    rgb = PIL.Image.fromarray((product * 255).round().clip(0, 255).astype(np.uint8)).rotate(
+        angle, PIL.Image.BICUBIC, expand=True)
+    m = np.asarray(PIL.Image.fromarray(np.ascontiguousarray(matte, dtype=np.float32), "F").rotate(
+        angle, PIL.Image.BILINEAR, expand=True))
+    rows, cols = np.nonzero((m > 0.05).any(1))[0], np.nonzero((m > 0.05).any(0))[0]
+    if not len(rows):
+        return product, matte
+    sl = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    return np.asarray(rgb, dtype=np.float32)[sl] / 255, np.clip(m[sl], 0, 1)
 
 
 class SubjectData(Dataset):
@@ -83,7 +116,8 @@ class SubjectData(Dataset):
 
     def __init__(self, cutouts: list[Cutout], backgrounds: list[PIL.Image.Image] | None = None, *,
                  size: int, reference_size: int | None = None, seed: int = 0, composite_p: float = 0.6,
-                 bezier_p: float = 0.5, mean=CLIP_MEAN, std=CLIP_STD, length: int = 1 << 30):
+                 bezier_p: float = 0.5, upright: bool = False, shadow_p: float = 0.0, mean=CLIP_MEAN,
+                 std=CLIP_STD, length: int = 1 << 30):
         if not cutouts:
             raise ValueError("SubjectData needs at least one photo")
         self.cutouts, self.size, self.seed, self.length = cutouts, size, seed, length
@@ -91,22 +125,27 @@ class SubjectData(Dataset):
         self.composite_p = composite_p if self.backgrounds else 0.0
         self.reference_size = reference_size or size
         self.bezier_p, self.mean, self.std = bezier_p, tuple(mean), tuple(std)
+        self.upright, self.shadow_p = bool(upright), float(shadow_p)
 
     def __len__(self):
         return self.length
 
     # -------------------------------------------------------------------------------------- pieces
 
-    def composite(self, cut: Cutout, rng: np.random.Generator) -> tuple[PIL.Image.Image, tuple[int, int, int, int]]:
+    def composite(self, cut: Cutout, rng: np.random.Generator):
         """The product from `cut` pasted onto a random background: height 25-60% of the frame, standing in the
-        lower part, random horizontal flip and brightness."""
+        lower part, random horizontal flip and brightness. With `upright`, the photo's tilt is undone first; with
+        probability `shadow_p` a soft contact shadow is laid under it (as a product standing on a floor has).
+        Returns the image, the product box and the box the mask must cover (product and shadow)."""
         S = self.size
         x0, y0, x1, y1 = cut.box
         product = np.asarray(cut.image, dtype=np.float32)[y0:y1, x0:x1] / 255
         matte = cut.matte[y0:y1, x0:x1]
+        if self.upright and cut.tilt:
+            product, matte = _rotate_cutout(product, matte, cut.tilt)
         if rng.random() < 0.5:
             product, matte = product[:, ::-1], matte[:, ::-1]
-        pw, ph = x1 - x0, y1 - y0
+        ph, pw = matte.shape
         k = min(rng.uniform(0.25, 0.6) * S / ph, 0.8 * S / pw)
         nw, nh = max(2, round(pw * k)), max(2, round(ph * k))
         product = np.asarray(PIL.Image.fromarray((product * 255).round().astype(np.uint8)).resize((nw, nh), PIL.Image.BICUBIC),
@@ -118,20 +157,33 @@ class SubjectData(Dataset):
         y = bottom - nh
         room = np.asarray(self.backgrounds[int(rng.integers(len(self.backgrounds)))], dtype=np.float32) / 255
         room = room.copy()
+        extent = (x, y, x + nw, bottom)
+        if self.shadow_p and rng.random() < self.shadow_p:  # a soft ellipse centred on the base line
+            ry, rx = max(1.5, 0.1 * nh), 0.6 * nw
+            yy = np.arange(S, dtype=np.float32)[:, None] + 0.5
+            xx = np.arange(S, dtype=np.float32)[None, :] + 0.5
+            q = 1 - ((xx - (x + nw / 2)) / rx) ** 2 - ((yy - bottom + 0.3 * ry) / ry) ** 2
+            shade = rng.uniform(0.45, 0.7) * np.clip(q, 0, 1) ** 1.5
+            room *= 1 - shade[..., None]
+            extent = (max(0, int(x + nw / 2 - rx)), y, min(S, int(np.ceil(x + nw / 2 + rx))),
+                      min(S, int(np.ceil(bottom + 0.7 * ry))))
         win = room[y:y + nh, x:x + nw]
         room[y:y + nh, x:x + nw] = win * (1 - matte) + np.clip(product, 0, 1) * matte
         image = PIL.Image.fromarray((room * 255).round().clip(0, 255).astype(np.uint8), "RGB")
-        return image, (x, y, x + nw, y + nh)
+        return image, (x, y, x + nw, y + nh), extent
 
-    def mask(self, box, rng: np.random.Generator) -> torch.Tensor:
+    def mask(self, box, rng: np.random.Generator, extent=None) -> torch.Tensor:
+        """The box grown by a random margin (covering `extent` too: the product's shadow), as a box mask or the
+        paper's Bezier mask that never cuts into the product."""
         S = self.size
-        x0, y0, x1, y1 = box
+        x0, y0, x1, y1 = box if extent is None else (min(box[0], extent[0]), min(box[1], extent[1]),
+                                                      max(box[2], extent[2]), max(box[3], extent[3]))
         m = [int(rng.integers(0, max(1, round(0.08 * S)) + 1)) for _ in range(4)]
         grown = (max(0, x0 - m[0]), max(0, y0 - m[1]), min(S, x1 + m[2]), min(S, y1 + m[3]))
         if rng.random() < self.bezier_p:
             sub = np.random.default_rng(int(rng.integers(2**31)))
             mask = bezier_mask((S, S), grown, sub, max_offset=max(1, round(5 * S / 512) + 1))
-            return torch.maximum(mask, box_mask((S, S), box))  # never cut into the product
+            return torch.maximum(mask, box_mask((S, S), (x0, y0, x1, y1)))  # never cut into the product
         return box_mask((S, S), grown)
 
     def reference(self, cut: Cutout) -> torch.Tensor:
@@ -149,10 +201,10 @@ class SubjectData(Dataset):
         rng = np.random.default_rng([self.seed, int(i)])
         cut = self.cutouts[int(rng.integers(len(self.cutouts)))]
         if rng.random() < self.composite_p:
-            image, box = self.composite(cut, rng)
+            image, box, extent = self.composite(cut, rng)
         else:
-            image, box = cut.image, cut.box
-        mask = self.mask(box, rng)
+            image, box, extent = cut.image, cut.box, None
+        mask = self.mask(box, rng, extent)
         ref_cut = self.cutouts[int(rng.integers(len(self.cutouts)))]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(rng.integers(2**31)))
@@ -185,14 +237,15 @@ class SubjectDataModule(L.LightningDataModule):
 
     def __init__(self, photos: list[PIL.Image.Image], annotations: list[Annotation], *, size: int,
                  reference_size: int | None = None, backgrounds: list[PIL.Image.Image] | None = None,
-                 batch_size: int = 8, seed: int = 0, composite_p: float = 0.6,
-                 bezier_p: float = 0.5, mean=CLIP_MEAN, std=CLIP_STD, num_workers: int = 0):
+                 batch_size: int = 8, seed: int = 0, composite_p: float = 0.6, bezier_p: float = 0.5,
+                 upright: bool = False, shadow_p: float = 0.0, mean=CLIP_MEAN, std=CLIP_STD, num_workers: int = 0):
         super().__init__()
         if len(photos) != len(annotations) or not photos:
             raise ValueError("need one annotation per photo and at least one photo")
         self.cutouts = [prepare(p, a, size) for p, a in zip(photos, annotations)]
         self.dataset = SubjectData(self.cutouts, backgrounds, size=size, reference_size=reference_size, seed=seed,
-                                   composite_p=composite_p, bezier_p=bezier_p, mean=mean, std=std)
+                                   composite_p=composite_p, bezier_p=bezier_p, upright=upright, shadow_p=shadow_p,
+                                   mean=mean, std=std)
         self.batch_size, self.num_workers = batch_size, num_workers
 
     @classmethod
