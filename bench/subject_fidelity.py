@@ -12,7 +12,9 @@ vs base + adapter, same exemplar (the scene's own) and same sampling seed. The a
 (fp32) and in each storage form (fp16, int8, SVD-truncated) to measure the compression loss.
 
 `--validate` runs the same protocol on products outside both product splits and on training-split scene seeds:
-that is the set hyperparameters were chosen on. Last stdout line: JSON.
+that is the set hyperparameters were chosen on. `--oracle N` is a diagnostic upper bound: the same LoRA module,
+steps and learning rate, but trained on N true demo scenes of the product (training-split rooms, never the eval
+scenes) instead of composites of its photos. Last stdout line: JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from subjectpaint import Studio  # noqa: E402
@@ -64,6 +67,45 @@ def place(studio, scenes, steps, seed, subject=None):
     return [masked_psnr(p.image, s.composite, s.mask) for p, s in zip(placed, scenes)]
 
 
+def oracle_subject(base, product, k: int, n: int, args, steps: int, lr: float) -> Subject:
+    """An adapter trained on n true scenes of `product` (target = the true composite, mask = the scene's, reference
+    = an augmented exemplar of one of them): what the training could reach with scene-like data."""
+    from torchvision.transforms import v2
+
+    from trainers.annotate import foreground_box
+    from trainers.data import SubjectData, SubjectDataModule, to_unit
+    from trainers.lora_module import SubjectLoRAModule, fit
+
+    size = base.resolution
+    scenes = [make_scene(TRAIN_SEEDS[800_000 + 101 * k + j], size, product=product) for j in range(n)]
+    fe = base.feature_extractor
+
+    class Scenes(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1 << 30
+
+        def __getitem__(self, i):
+            rng = np.random.default_rng([args.seed, int(i)])
+            scene, ref = scenes[int(rng.integers(n))], scenes[int(rng.integers(n))]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(rng.integers(2**31)))
+                r = SubjectData.reference_augment(to_unit(ref.exemplar.resize((side, side)))).clamp(0, 1)
+            mask = torch.from_numpy(np.asarray(scene.mask, dtype=np.float32) / 255)[None]
+            return {"target": to_unit(scene.composite) * 2 - 1, "mask": (mask > 0.5).float(),
+                    "reference": v2.functional.normalize(r, fe.image_mean, fe.image_std), "index": torch.tensor(i)}
+
+    photo = scenes[0].exemplar
+    data = SubjectDataModule.for_base(base, [photo], [foreground_box(photo)], batch_size=args.batch, seed=args.seed)
+    side = data.dataset.reference_size
+    data.dataset = Scenes()  # the data module's loader and step sampler, over the scenes
+    module = SubjectLoRAModule(base, rank=args.rank, dropout=args.dropout, targets=tuple(args.targets), lr=lr,
+                               seed=args.seed)
+    fit(module, data, steps, progress=False)
+    meta = export.build_metadata(rank=args.rank, alpha=float(args.rank), targets=tuple(args.targets),
+                                 base_fingerprint=base.fingerprint(), subject=f"oracle{product.seed}")
+    return Subject(f"oracle{product.seed}", None, meta, export.fold_scale(module.lora_state_dict(), args.rank, args.rank))
+
+
 def variants(subject: Subject, energy: float):
     """The adapter as trained, and in its storage forms (same metadata, re-encoded tensors)."""
     out = {"fp32": subject}
@@ -95,6 +137,7 @@ def main(argv=None):
                     help="default the demo base; 'tiny' for a smoke run; or a local Paint-by-Example directory")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--composite-p", type=float, default=1.0, help="share of targets composited onto rooms")
+    ap.add_argument("--oracle", type=int, default=0, help="diagnostic: train on N true scenes instead of photos")
     ap.add_argument("--photos", type=int, default=3, help="retailer photos per product (the issue's setting: 3)")
     ap.add_argument("--shadow-p", type=float, default=0.7, help="share of composites with a contact shadow")
     ap.add_argument("--no-upright", action="store_true", help="composite the product as photographed (tilted)")
@@ -119,15 +162,18 @@ def main(argv=None):
         from adapters_store import Registry
 
         studio = Studio(base, registry=Registry(f"sqlite:///{tmp}/registry.db", os.path.join(tmp, "blobs")))
-        for ps in products:
+        for index, ps in enumerate(products):
             product, scenes = scenes_for(ps, args.scenes, args.validate, size)
             photos = [p.image.resize((size, size)) if p.image.width != size else p.image
                       for p in product_photos(product, args.photos, size=64)]
             t0 = time.time()
-            subject = Subject.train(photos, f"p{ps}", studio, rank=args.rank, steps=steps, batch_size=args.batch,
-                                    lr=lr, dropout=args.dropout, seed=args.seed, targets=tuple(args.targets), storage="fp32", detector=None,
-                                    composite_p=args.composite_p, shadow_p=args.shadow_p,
-                                    upright=not args.no_upright, progress=False)
+            if args.oracle:
+                subject = oracle_subject(base, product, index, args.oracle, args, steps, lr)
+            else:
+                subject = Subject.train(photos, f"p{ps}", studio, rank=args.rank, steps=steps, batch_size=args.batch,
+                                        lr=lr, dropout=args.dropout, seed=args.seed, targets=tuple(args.targets),
+                                        storage="fp32", detector=None, composite_p=args.composite_p,
+                                        shadow_p=args.shadow_p, upright=not args.no_upright, progress=False)
             train_s = time.time() - t0
             base_psnr = place(studio, scenes, args.sample_steps, args.seed)
             row = {"product": ps, "shape": product.shape, "scenes": len(scenes), "train_s": round(train_s, 1),
@@ -150,7 +196,7 @@ def main(argv=None):
     print(format_table(table + [mean]))
     summary = {
         "bench": "subject_fidelity", "quick": args.quick, "validate": args.validate, "base": base.name,
-        "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "train_steps": steps, "lr": lr,
+        "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "oracle_scenes": args.oracle, "train_steps": steps, "lr": lr,
         "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p,
         "shadow_p": args.shadow_p, "upright": not args.no_upright, "batch": args.batch, "sample_steps": args.sample_steps,
         "psnr_base": round(mean["base"], 3),
