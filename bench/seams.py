@@ -5,8 +5,9 @@
 
 Both placements share the scene, exemplar and seed. Binary: Studio.inpaint(room, mask, exemplar) with its
 default paste-back (grown 2 px, feathered 4 px). Progressive: session.place(exemplar, room, edit_map) where the
-edit map is the mask at 1, grown by --grow px and ramped to 0 over --blur px (the same reach as the binary
-paste-back by default: 1 + 3 = 4 px).
+edit map ramps over --blur px (default 4) inside the mask (`edit_map(mask, blur=4, inside=True)`: 1 from 4 px in,
+falling towards the edge, nothing outside the mask changes), or with `--ramp outward` is the mask at 1, grown by
+--grow px and ramped to 0 over --blur px outside it (the paper's grow-and-blur).
 
 Seam figures, in a band of --band px on both sides of the mask edge (B = dilate(mask) - erode(mask)), with
 image gradients g (forward differences, RGB in [0, 1]):
@@ -91,9 +92,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--base", default=None, help="a Paint-by-Example directory (default: the demo base)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--grow", type=int, default=1)
-    ap.add_argument("--blur", type=int, default=3)
+    ap.add_argument("--grow", type=int, default=1, help="outward ramp only: px the mask is grown first")
+    ap.add_argument("--blur", type=int, default=4, help="ramp width, px")
     ap.add_argument("--band", type=int, default=3)
+    ap.add_argument("--ramp", choices=("inside", "outward"), default="inside",
+                    help="inside: edit_map(inside=True), nothing outside the mask changes; outward: the paper's "
+                         "grow-and-blur (edit_map(grow, blur))")
     ap.add_argument("--schedule", default="linear", choices=list(SCHEDULES))
     ap.add_argument("--paste", choices=("support", "map"), default="support",
                     help="progressive paste-back: the map's support (hard) or blended by the map")
@@ -111,7 +115,7 @@ def main(argv=None) -> int:
     rows, shown = [], []
     for scene in tqdm(scenes, desc="scenes"):
         mask = mask_tensor(scene.mask)
-        soft = edit_map(scene.mask, grow=args.grow, blur=args.blur)
+        soft = edit_map(scene.mask, grow=args.grow, blur=args.blur, inside=args.ramp == "inside")
         binary = studio.inpaint(scene.room, scene.mask, scene.exemplar, seed=args.seed, steps=steps, progress=False)
         prog = studio.progressive(seed=args.seed, steps=steps, schedule=args.schedule, progress=False,
                                   paste_back=True if args.paste == "support" else "map").place(
@@ -150,7 +154,8 @@ def main(argv=None) -> int:
         print(f"wrote {args.docs}/progressive_seams.png and {args.docs}/progressive_transition.png")
 
     result = {"bench": "seams", "quick": args.quick, "base": studio.base.name, "n": n, "steps": steps,
-              "grow": args.grow, "blur": args.blur, "band": args.band, "schedule": args.schedule, "paste": args.paste,
+              "grow": args.grow, "blur": args.blur, "ramp": args.ramp, "band": args.band, "schedule": args.schedule,
+              "paste": args.paste,
               "binary": b, "progressive": p, "seam_error_ratio": round(p["seam_error"] / b["seam_error"], 4),
               "progressive_better_seams": p["seam_error"] < b["seam_error"], "scene_wins": wins}
     print(json.dumps(result))

@@ -245,6 +245,10 @@ def test_edit_map_grows_and_blurs_a_binary_mask():
     assert 0 < m[15, 5] < m[15, 6] < 1 and m[15, 2] == 0  # a ramp outward, then 0
     soft = edit_map(mask.resize((64, 64)), size=(32, 32))
     assert soft.shape == (32, 32)
+    inner = edit_map(mask, blur=3, inside=True)  # the ramp inside the mask, nothing outside it
+    assert inner[:, :10].abs().sum() == 0 and inner[:, 20:].abs().sum() == 0 and inner[15, 9] == 0
+    assert inner[15, 10] == 0.25 and inner[15, 11] == 0.5 and inner[15, 12] == 0.75 and inner[15, 15] == 1
+    assert torch.equal(inner > 0, edit_map(mask) > 0)  # the same support as the mask
 
 
 # ------------------------------------------------------------------------------------------- the session

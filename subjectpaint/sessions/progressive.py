@@ -101,11 +101,22 @@ def downsample_map(edit_map: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     return x.reshape(*shape[:-2], *size)
 
 
-def edit_map(mask: ImageInput, size: tuple[int, int] | None = None, grow: int = 0, blur: int = 0) -> torch.Tensor:
+def edit_map(mask: ImageInput, size: tuple[int, int] | None = None, grow: int = 0, blur: int = 0,
+             inside: bool = False) -> torch.Tensor:
     """A soft edit map (H, W) in [0, 1] from a mask: grown by `grow` px (Chebyshev) then box-blurred outward by
-    `blur` px, keeping the mask itself at 1 (the paper's "growing and blurring" of binary masks)."""
+    `blur` px, keeping the mask itself at 1 (the paper's "growing and blurring" of binary masks).
+
+    `inside=True` puts the ramp inside the mask instead: 1 from `blur` px in, falling linearly towards the mask's
+    edge (1 / (blur + 1) on its outermost pixels), 0 outside: nothing outside the mask is touched and the pixels
+    near its edge are held to the room longer (`grow` is ignored)."""
     m = load_mask(mask, size or _size_of(mask), binary=False)
     core = (m > 0).float()[None, None]
+    if inside:
+        depth, inner = core.clone(), core
+        for _ in range(blur):  # depth: 1 on the mask's edge pixels, +1 per px further in (the image border is no edge)
+            inner = 1 - F.max_pool2d(1 - inner, 3, stride=1, padding=1)
+            depth = depth + inner
+        return torch.minimum(depth[0, 0] / (blur + 1), m)
     if grow:
         core = F.max_pool2d(core, 2 * grow + 1, stride=1, padding=grow)
     soft = core
