@@ -325,10 +325,8 @@ class Registry(TenantAdmin):
             raise AdapterCorrupt(record.ref, record.sha256, str(exc)) from None  # hashes right: bad at write
         try:
             yield tensors
-        except BaseException:
+        finally:  # on a failed block too: corrupt bytes are reported as such, not as the block's error
             self._check(record, data, digest.result())
-            raise
-        self._check(record, data, digest.result())
 
     def _decode_verified(self, record: AdapterRecord) -> dict[str, torch.Tensor]:
         with self.verifying(record) as tensors:

@@ -79,6 +79,10 @@ def oracle_subject(base, product, k: int, n: int, args, steps: int, lr: float) -
     size = base.resolution
     scenes = [make_scene(TRAIN_SEEDS[800_000 + 101 * k + j], size, product=product) for j in range(n)]
     fe = base.feature_extractor
+    # the data module's loader and step sampler, over the scenes instead of its photo (one exemplar, for the sizes)
+    photo = scenes[0].exemplar
+    data = SubjectDataModule.for_base(base, [photo], [foreground_box(photo)], batch_size=args.batch, seed=args.seed)
+    side = data.dataset.reference_size
 
     class Scenes(torch.utils.data.Dataset):
         def __len__(self):
@@ -94,10 +98,7 @@ def oracle_subject(base, product, k: int, n: int, args, steps: int, lr: float) -
             return {"target": to_unit(scene.composite) * 2 - 1, "mask": (mask > 0.5).float(),
                     "reference": v2.functional.normalize(r, fe.image_mean, fe.image_std), "index": torch.tensor(i)}
 
-    photo = scenes[0].exemplar
-    data = SubjectDataModule.for_base(base, [photo], [foreground_box(photo)], batch_size=args.batch, seed=args.seed)
-    side = data.dataset.reference_size
-    data.dataset = Scenes()  # the data module's loader and step sampler, over the scenes
+    data.dataset = Scenes()
     module = SubjectLoRAModule(base, rank=args.rank, dropout=args.dropout, targets=tuple(args.targets), lr=lr,
                                seed=args.seed)
     fit(module, data, steps, progress=False)
@@ -196,7 +197,8 @@ def main(argv=None):
     print(format_table(table + [mean]))
     summary = {
         "bench": "subject_fidelity", "quick": args.quick, "validate": args.validate, "base": base.name,
-        "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "oracle_scenes": args.oracle, "train_steps": steps, "lr": lr,
+        "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "oracle_scenes": args.oracle,
+        "train_steps": steps, "lr": lr,
         "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p,
         "shadow_p": args.shadow_p, "upright": not args.no_upright, "batch": args.batch, "sample_steps": args.sample_steps,
         "psnr_base": round(mean["base"], 3),

@@ -6,8 +6,7 @@ row i holds the i-th rank component of every layer, [A_1[i] | B_1^T[i] | A_2[i] 
 rows are a complete rank-r LoRA. An adapter is laid out once (`Slots.layout`) as its own r rows -- B transposed and
 pre-multiplied by the adapter's scale, layers the adapter leaves out zero -- and `activate` is a single `copy_` of
 those r rows (plus zeroing the rows a higher-rank predecessor used): a swap moves r/max_rank of the buffer,
-whatever the number of layers.
-Nothing is created or deleted per swap.
+whatever the number of layers. Nothing is created or deleted per swap.
 
 Like PEFT's LoRA layer, a slot adds `B(A(x))` to the base output; it does nothing else. `deactivate()` skips the
 addition entirely, so the output is the base's bit for bit. A mixed batch (several subjects in one UNet call)
@@ -277,13 +276,16 @@ class Slots:
             raise InvalidAdapter(f"a laid-out adapter is (rank <= {self.max_rank}, {self.width}); "
                                  f"got {tuple(laid.shape)}")
 
-    def _bank(self, laid: list[torch.Tensor]) -> torch.Tensor:
-        """(K, max_rank, width): the adapters' rows, zero-padded (to the max rank, as the active slots compute)."""
+    def _bank(self, laid: list[torch.Tensor | None]) -> torch.Tensor:
+        """(K, max_rank, width): the adapters' rows, zero-padded (to the max rank, as the active slots compute);
+        None is no adapter (all zero)."""
         for t in laid:
-            self._check_laid(t)
+            if t is not None:
+                self._check_laid(t)
         bank = self.flat.new_zeros(len(laid), self.max_rank, self.width)
         for k, t in enumerate(laid):
-            bank[k, : t.shape[0]] = t
+            if t is not None:
+                bank[k, : t.shape[0]] = t
         return bank
 
     # ------------------------------------------------------------------ swap
@@ -309,9 +311,9 @@ class Slots:
         """Within the block, batch row i uses adapters[rows[i]] (-1: none). Adapters are stacked once."""
         laid = [a if isinstance(a, torch.Tensor) else self.layout(a) for a in adapters]
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.flat.device)
-        if not laid or rows.ndim != 1 or (rows >= len(laid)).any() or (rows < -1).any():
+        if rows.ndim != 1 or (rows >= len(laid)).any() or (rows < -1).any():
             raise InvalidAdapter(f"rows must index the {len(laid)} adapters (or -1 for none)")
-        bank = self._bank(laid + [self.flat[:1].new_zeros(1, self.width)])  # the last entry: no adapter
+        bank = self._bank(laid + [None])  # the last entry: no adapter
         rows = torch.where(rows < 0, torch.full_like(rows, len(laid)), rows)
         for slot in self.layers.values():
             a0, a1, b0, b1 = slot.columns
@@ -331,8 +333,7 @@ class Slots:
         an input x of N tokens (rows of weights sum to 1); None in `adapters` is a region without an adapter."""
         if not adapters:
             raise InvalidAdapter("regional mode needs at least one region")
-        laid = [self.flat[:1].new_zeros(1, self.width) if a is None else a if isinstance(a, torch.Tensor)
-                else self.layout(a) for a in adapters]
+        laid = [a if a is None or isinstance(a, torch.Tensor) else self.layout(a) for a in adapters]
         self.state.regions = Regional(self._bank(laid), weights)
         try:
             yield self.state.regions

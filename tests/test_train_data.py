@@ -104,4 +104,4 @@ def test_contact_shadow_lies_under_the_product_and_inside_the_mask():
                 mask = ds.mask(box, rng, extent).numpy() > 0.5
                 assert dark.any() and mask[dark].all()  # every shadow pixel is to be painted
             else:
-                assert extent == (box[0], box[1], box[2], box[3]) and (below.size == 0 or below.min() >= 149)
+                assert extent == box and (below.size == 0 or below.min() >= 149)

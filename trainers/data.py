@@ -18,6 +18,7 @@ the Trainer's restored step, so data order and augmentation are the same in an i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import lightning as L
 import numpy as np
@@ -48,6 +49,17 @@ class Cutout:
     matte: np.ndarray
     backdrop: tuple[int, int, int]
     tilt: float = 0.0  # degrees (PIL's counter-clockwise) that stand the product upright: `upright_angle(matte)`
+
+    @property
+    def crop(self) -> tuple[np.ndarray, np.ndarray]:
+        """The product as photographed: its box of the image (H, W, 3 in [0, 1]) and of the matte."""
+        x0, y0, x1, y1 = self.box
+        return np.asarray(self.image, dtype=np.float32)[y0:y1, x0:x1] / 255, self.matte[y0:y1, x0:x1]
+
+    @cached_property
+    def upright_crop(self) -> tuple[np.ndarray, np.ndarray]:
+        """`crop` with the photo's tilt undone (computed once per photo)."""
+        return _rotate_cutout(*self.crop, self.tilt) if self.tilt else self.crop
 
 
 def upright_angle(matte: np.ndarray, limit: float = 20.0, step: float = 1.0) -> float:
@@ -138,11 +150,7 @@ class SubjectData(Dataset):
         probability `shadow_p` a soft contact shadow is laid under it (as a product standing on a floor has).
         Returns the image, the product box and the box the mask must cover (product and shadow)."""
         S = self.size
-        x0, y0, x1, y1 = cut.box
-        product = np.asarray(cut.image, dtype=np.float32)[y0:y1, x0:x1] / 255
-        matte = cut.matte[y0:y1, x0:x1]
-        if self.upright and cut.tilt:
-            product, matte = _rotate_cutout(product, matte, cut.tilt)
+        product, matte = cut.upright_crop if self.upright else cut.crop
         if rng.random() < 0.5:
             product, matte = product[:, ::-1], matte[:, ::-1]
         ph, pw = matte.shape

@@ -112,7 +112,7 @@ def edit_map(mask: ImageInput, size: tuple[int, int] | None = None, grow: int = 
     m = load_mask(mask, size or _size_of(mask), binary=False)
     core = (m > 0).float()[None, None]
     if inside:
-        depth, inner = core.clone(), core
+        depth, inner = core, core
         for _ in range(blur):  # depth: 1 on the mask's edge pixels, +1 per px further in (the image border is no edge)
             inner = 1 - F.max_pool2d(1 - inner, 3, stride=1, padding=1)
             depth = depth + inner
