@@ -92,7 +92,8 @@ def main():
     subjects = args.subjects or (4 if args.quick else 8)
     requests = args.requests or (40 if args.quick else 400)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    home = tempfile.mkdtemp(prefix="subjectpaint-load-")
+    scratch = tempfile.TemporaryDirectory(prefix="subjectpaint-load-")  # removed when the run ends
+    home = scratch.name
     url, blobs, key = prepare(home, subjects)
     results = {}
     for n, (mode, batch) in enumerate((("batched", 8), ("unbatched", 1))):

@@ -91,7 +91,8 @@ def main():
         n_registered, n_cached, repeats = 1000, 100, args.repeats or 10
     unet = base.unet
     print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M params", flush=True)
-    work = Path(tempfile.mkdtemp(prefix="swap-bench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="swap-bench-")  # removed when the run ends, even on error
+    work = Path(scratch.name)
     shapes = target_shapes(unet)
     adapters = [random_adapter(shapes, args.rank, s) for s in range(3)]
     files = []

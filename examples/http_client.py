@@ -25,17 +25,20 @@ def png(image) -> bytes:
     return buf.getvalue()
 
 
+@contextlib.contextmanager
 def fresh_server(args):
-    """A server on loopback over a fresh registry, and an API key for tenant 'demo'."""
+    """A server on loopback over a fresh registry (removed afterwards), and an API key for tenant 'demo'."""
     from adapters_store import Registry
 
-    home = tempfile.mkdtemp(prefix="subjectpaint-http-")
-    url, blobs = f"sqlite:///{home}/registry.db", f"{home}/blobs"
-    with Registry(url, blobs) as registry:
-        registry.create_tenant("demo")
-        args.key = registry.issue_key("demo")
-    options = ["--registry", url, "--blobs", blobs, "--train-steps", str(args.steps)]
-    return local_server(*options, *(["--base", "tiny", "--steps", "2"] if args.tiny else []), port=args.port)
+    with tempfile.TemporaryDirectory(prefix="subjectpaint-http-") as home:
+        url, blobs = f"sqlite:///{home}/registry.db", f"{home}/blobs"
+        with Registry(url, blobs) as registry:
+            registry.create_tenant("demo")
+            args.key = registry.issue_key("demo")
+        options = ["--registry", url, "--blobs", blobs, "--train-steps", str(args.steps)]
+        with local_server(*options, *(["--base", "tiny", "--steps", "2"] if args.tiny else []),
+                          port=args.port) as base_url:
+            yield base_url
 
 
 def main(argv=None):
