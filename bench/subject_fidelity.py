@@ -107,6 +107,20 @@ def oracle_subject(base, product, k: int, n: int, args, steps: int, lr: float) -
     return Subject(f"oracle{product.seed}", None, meta, export.fold_scale(module.lora_state_dict(), args.rank, args.rank))
 
 
+def cutout(photo):
+    """A photo as a matting tool would cut it out: RGBA, the product's alpha, its colours with the backdrop
+    unmixed from the edges (the backdrop plane fitted as the annotator does)."""
+    import PIL.Image
+
+    from trainers.annotate import _plane_residual, decontaminate
+
+    img = np.asarray(photo.image, dtype=np.float32)
+    alpha = np.asarray(photo.alpha, dtype=np.float32) / 255
+    _, _, plane = _plane_residual(img, max(1, round(0.02 * min(img.shape[:2]))))
+    rgba = np.concatenate([decontaminate(img, plane, alpha), alpha[..., None] * 255], -1)
+    return PIL.Image.fromarray(rgba.round().astype(np.uint8), "RGBA")
+
+
 def variants(subject: Subject, energy: float):
     """The adapter as trained, and in its storage forms (same metadata, re-encoded tensors)."""
     out = {"fp32": subject}
@@ -142,6 +156,8 @@ def main(argv=None):
     ap.add_argument("--photos", type=int, default=3, help="retailer photos per product (the issue's setting: 3)")
     ap.add_argument("--shadow-p", type=float, default=0.7, help="share of composites with a contact shadow")
     ap.add_argument("--no-upright", action="store_true", help="composite the product as photographed (tilted)")
+    ap.add_argument("--cutouts", action="store_true",
+                    help="the retailer uploads cut-outs (RGBA PNGs with the product's alpha) instead of photos")
     args = ap.parse_args(argv)
     if args.quick:
         args.products, args.scenes, args.steps, args.sample_steps = 2, 4, args.steps or 40, 10
@@ -165,8 +181,9 @@ def main(argv=None):
         studio = Studio(base, registry=Registry(f"sqlite:///{tmp}/registry.db", os.path.join(tmp, "blobs")))
         for index, ps in enumerate(products):
             product, scenes = scenes_for(ps, args.scenes, args.validate, size)
-            photos = [p.image.resize((size, size)) if p.image.width != size else p.image
-                      for p in product_photos(product, args.photos, size=64)]
+            shots = product_photos(product, args.photos, size=64)
+            photos = [cutout(p) if args.cutouts else p.image for p in shots]
+            photos = [p.resize((size, size)) if p.width != size else p for p in photos]
             t0 = time.time()
             if args.oracle:
                 subject = oracle_subject(base, product, index, args.oracle, args, steps, lr)
@@ -197,7 +214,7 @@ def main(argv=None):
     print(format_table(table + [mean]))
     summary = {
         "bench": "subject_fidelity", "quick": args.quick, "validate": args.validate, "base": base.name,
-        "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "oracle_scenes": args.oracle,
+        "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "cutouts": args.cutouts, "oracle_scenes": args.oracle,
         "train_steps": steps, "lr": lr,
         "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p,
         "shadow_p": args.shadow_p, "upright": not args.no_upright, "batch": args.batch, "sample_steps": args.sample_steps,

@@ -40,6 +40,21 @@ def load_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
     return pil
 
 
+def load_cutout(image: ImageInput, what: str = "image") -> tuple[PIL.Image.Image, np.ndarray | None]:
+    """`load_image`, plus the image's own alpha as an (H, W) float matte in [0, 1] when it has a transparent
+    part (a product cut out as an RGBA PNG, say); None for an opaque image. The RGB image is the cut-out
+    composited on white, as `load_image` gives it."""
+    pil = _to_pil(image, what, InvalidImage)
+    alpha = None
+    if pil.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (pil.mode == "P" and "transparency" in pil.info):
+        a = np.asarray(pil.convert("RGBA"), dtype=np.float32)[..., 3] / 255.0
+        alpha = a if a.min() < 1.0 else None
+    rgb = _to_rgb(pil)
+    if rgb.width == 0 or rgb.height == 0:
+        raise InvalidImage(f"{what} has zero size")
+    return rgb, alpha
+
+
 def load_exemplar(image: ImageInput) -> PIL.Image.Image:
     """An exemplar (reference product image) must show something: a uniform image is refused."""
     pil = load_image(image, "exemplar")

@@ -25,7 +25,7 @@ import PIL.Image
 import torch
 
 from .errors import BaseMismatch, InvalidArgument, InvalidImage, VersionExists, SubjectPaintError
-from .images import load_image
+from .images import load_cutout, load_image
 
 DEFAULT_STEPS = 300
 DEFAULT_LR = 1e-3  # the paper's 3e-5 is for 40 epochs on a GPU; see bench/subject_fidelity.py for the CPU budget
@@ -135,7 +135,9 @@ class Subject:
         progress: bool = True,
         trainer_kwargs: Mapping[str, Any] | None = None,
     ) -> "Subject":
-        """Train, export and register an adapter for the product shown in `images` (2-4 photos recommended).
+        """Train, export and register an adapter for the product shown in `images` (2-4 photos recommended):
+        photos on a plain backdrop (the product is found with DETR or the backdrop's colour), or cut-outs with
+        a transparent background (RGBA PNGs: their alpha is the product's matte).
 
         `storage`: "int8" (default; ~0.8 MB at SD1.5 shape, rank 4), "fp16" or "fp32"; `energy`: optional SVD
         truncation keeping that fraction of each module's energy. `workdir`: keep Lightning checkpoints there
@@ -147,7 +149,7 @@ class Subject:
         (corrupt file, no product found), SubjectExists before any training or writing.
         """
         from adapters_store.naming import validate_name
-        from trainers.annotate import Annotator, NoProductFound
+        from trainers.annotate import Annotator, NoProductFound, from_alpha
         from trainers import export
         from trainers.data import SubjectDataModule
         from trainers.lora_module import SubjectLoRAModule, fit
@@ -168,7 +170,8 @@ class Subject:
         for what, value in (("rank", rank), ("steps", steps), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"{what} must be a positive int, got {value!r}")
-        photos = [load_image(img, f"photo {i}") for i, img in enumerate(images)]
+        loaded = [load_cutout(img, f"photo {i}") for i, img in enumerate(images)]
+        photos = [rgb for rgb, _ in loaded]
         registry = _registry(studio, registry)
         if registry.exists(name) and not new_version:
             raise SubjectExists(f"subject {name!r} is already registered (latest {registry.get(name).ref}); "
@@ -180,9 +183,9 @@ class Subject:
         annotator = detector if isinstance(detector, Annotator) else Annotator(detector, labels=labels,
                                                                                 min_score=min_score)
         notes = []
-        for i, photo in enumerate(photos):
-            try:
-                notes.append(annotator(photo))
+        for i, (photo, matte) in enumerate(loaded):
+            try:  # a cut-out (transparent PNG) carries its own matte; a photo on a backdrop is annotated
+                notes.append(from_alpha(matte) if matte is not None else annotator(photo))
             except NoProductFound as exc:
                 raise InvalidImage(f"photo {i}: no product found ({exc})") from None
 

@@ -54,6 +54,18 @@ def test_transparent_pixels_become_white():
     assert tuple(out[0, 0]) == (10, 20, 30) and tuple(out[4, 4]) == (255, 255, 255)
 
 
+def test_load_cutout_keeps_the_alpha_of_a_transparent_image_only():
+    from subjectpaint.images import load_cutout
+
+    img = PIL.Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    img.putpixel((1, 2), (10, 20, 30, 128))
+    rgb, alpha = load_cutout(img)
+    assert np.array_equal(np.asarray(rgb), np.asarray(load_image(img)))  # the same RGB as load_image
+    assert alpha.shape == (8, 8) and alpha[2, 1] == pytest.approx(128 / 255) and alpha.sum() == alpha[2, 1]
+    assert load_cutout(PIL.Image.new("RGBA", (8, 8), (1, 2, 3, 255)))[1] is None  # opaque: a photo
+    assert load_cutout(PIL.Image.new("RGB", (8, 8)))[1] is None
+
+
 def test_numpy_tensor_path_and_bytes_inputs_agree(tmp_path):
     img = random_image(24, 16, 7)
     arr = np.array(img)

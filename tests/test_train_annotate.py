@@ -36,6 +36,35 @@ def test_fallback_matte_covers_the_product_not_the_backdrop():
     assert inside.mean() > 0.95 and outside.mean() < 0.05
 
 
+def test_fallback_matte_is_soft_on_the_outline_and_close_to_the_true_alpha():
+    # the outline's pixels mix product and backdrop; a hard matte (1 on them) was off by 13 % of the product's
+    # area on these photos and left a backdrop-coloured halo round every composite
+    errors = []
+    for seed in HELDOUT_PRODUCT_SEEDS[:8]:
+        for photo in product_photos(Product.from_seed(seed), 2):
+            alpha = np.asarray(photo.alpha, dtype=np.float32) / 255
+            note = foreground_box(photo.image)
+            errors.append(np.abs(note.foreground - alpha).sum() / alpha.sum())
+            edge = (alpha > 0.2) & (alpha < 0.8)
+            assert ((note.foreground[edge] > 0.05) & (note.foreground[edge] < 0.95)).mean() > 0.5
+    assert np.mean(errors) < 0.09, np.round(errors, 3)
+
+
+def test_decontaminate_recovers_the_product_colour_under_partial_coverage():
+    from trainers.annotate import decontaminate
+
+    rng = np.random.default_rng(0)
+    fg = rng.uniform(0, 255, (16, 16, 3)).astype(np.float32)
+    bg = np.broadcast_to(np.array([230.0, 228.0, 235.0], np.float32), (16, 16, 3))
+    a = rng.choice([0.0, 0.3, 0.7, 1.0], (16, 16)).astype(np.float32)
+    image = a[..., None] * fg + (1 - a[..., None]) * bg
+    own = decontaminate(image, bg, a)
+    part = (a > 0) & (a < 1)
+    np.testing.assert_allclose(own[part], fg[part], atol=1e-3)
+    np.testing.assert_array_equal(own[a == 1], image[a == 1])  # opaque: as photographed
+    np.testing.assert_array_equal(own[a == 0], image[a == 0])  # backdrop: untouched
+
+
 def test_fallback_box_on_a_larger_photo_with_gradient_and_noise():
     rng = np.random.default_rng(0)
     gx, gy = np.linspace(-1, 1, 200), np.linspace(-1, 1, 150)

@@ -105,3 +105,34 @@ def test_contact_shadow_lies_under_the_product_and_inside_the_mask():
                 assert dark.any() and mask[dark].all()  # every shadow pixel is to be painted
             else:
                 assert extent == box and (below.size == 0 or below.min() >= 149)
+
+
+def test_cutouts_carry_no_backdrop_into_their_edges():
+    # a red product on a white backdrop, its matte soft at the edge: scaled and rotated with premultiplied
+    # alpha, no pixel of the cut-out turns pinkish (backdrop bleeding in), however small or tilted
+    from trainers.data import _resample, _rotate_cutout
+
+    product = np.ones((20, 12, 3), np.float32)  # white around the product...
+    product[2:18, 2:10] = (0.9, 0.05, 0.05)  # ...a red body
+    matte = np.zeros((20, 12), np.float32)
+    matte[2:18, 2:10] = 1.0
+    matte[2:18, 1], matte[2:18, 10] = 0.4, 0.4  # soft sides (colour there: the backdrop's white)
+    product[2:18, 1] = product[2:18, 10] = (0.9, 0.05, 0.05)  # decontaminated: the product's own colour
+    for rgb, m in (_resample(product, matte, lambda im: im.resize((5, 8), __import__("PIL").Image.BICUBIC)),
+                   _rotate_cutout(product, matte, 13.0)):
+        seen = m > 0.02
+        assert seen.any() and rgb[seen][:, 1].max() < 0.2 and rgb[seen][:, 2].max() < 0.2
+
+
+def test_prepared_cutout_colours_lose_the_halo_of_the_backdrop():
+    photo = product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[0]), 1)[0]
+    cut = prepare(photo.image, foreground_box(photo.image), 64)
+    colors, matte = cut.crop
+    raw = np.asarray(cut.image, dtype=np.float32)[cut.box[1]:cut.box[3], cut.box[0]:cut.box[2]] / 255
+    edge = (matte > 0.05) & (matte < 0.95)
+    assert edge.sum() >= 10
+    backdrop = np.array(cut.backdrop, np.float32) / 255
+    # unmixed edge pixels sit further from the backdrop's colour than the photo's own (mixed) pixels
+    far = np.linalg.norm(colors[edge] - backdrop, axis=-1).mean()
+    near = np.linalg.norm(raw[edge] - backdrop, axis=-1).mean()
+    assert far > near + 0.05

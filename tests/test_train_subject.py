@@ -81,12 +81,13 @@ def corrupt_file(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["zero photos", "corrupt file", "uniform image", "missing file", "bad name",
-                                  "bad rank", "bad composite share", "bad shadow share"])
+                                  "bad rank", "bad composite share", "bad shadow share", "empty cut-out"])
 def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_path, case):
     name, images, kw = "mug", list(photos), {}
     expected = {"zero photos": InvalidArgument, "corrupt file": InvalidImage, "uniform image": InvalidImage,
                 "missing file": InvalidImage, "bad name": InvalidName, "bad rank": InvalidArgument,
-                "bad composite share": InvalidArgument, "bad shadow share": InvalidArgument}[case]
+                "bad composite share": InvalidArgument, "bad shadow share": InvalidArgument,
+                "empty cut-out": InvalidImage}[case]
     if case == "zero photos":
         images = []
     elif case == "corrupt file":
@@ -101,14 +102,30 @@ def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_pat
         kw["rank"] = 0
     elif case == "bad shadow share":
         kw["shadow_p"] = -0.1
+    elif case == "empty cut-out":
+        images[2] = PIL.Image.new("RGBA", (32, 32), (200, 30, 30, 0))  # transparent everywhere
     else:
         kw["composite_p"] = 1.5
     with pytest.raises(expected) as info:
         Subject.train(images, name, studio, **{**FAST, **kw})
     assert isinstance(info.value, (SubjectPaintError, InvalidName))
-    if case == "uniform image":
+    if case in ("uniform image", "empty cut-out"):
         assert "photo 2" in str(info.value) and "no product" in str(info.value)
     assert studio.registry.count() == 0 and blobs(tmp_path) == []
+
+
+def test_cut_outs_train_with_their_own_alpha(studio, tmp_path):
+    # transparent PNGs: the alpha is the matte and gives the box; the backdrop fallback is not consulted
+    shots = product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[5]), 2, size=32)
+    paths = []
+    for i, shot in enumerate(shots):
+        rgba = shot.image.convert("RGBA")
+        rgba.putalpha(shot.alpha)
+        paths.append(tmp_path / f"cutout{i}.png")
+        rgba.save(paths[-1])
+    subject = Subject.train([str(p) for p in paths], "cut-mug", studio, **FAST)
+    assert subject.metadata["annotation_method"] == "alpha"
+    assert [tuple(a["box"]) for a in subject.annotations] == [shot.box for shot in shots]
 
 
 def test_name_in_use_without_new_version(studio, photos, tmp_path):

@@ -13,7 +13,7 @@ drop specks, fill holes, and take the box. A photo with no such region raises `N
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
@@ -38,6 +38,7 @@ class Annotation:
     method: str  # "detr" or "background"
     score: float  # DETR class probability, or the backdrop contrast (foreground residual / threshold)
     label: str | None = None
+    backdrop: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) fitted backdrop colour, 0-255
 
     def as_metadata(self) -> dict:
         return {"box": list(self.box), "method": self.method, "score": round(float(self.score), 4),
@@ -53,8 +54,9 @@ def _border(h: int, w: int, width: int) -> np.ndarray:
     return m
 
 
-def _plane_residual(img: np.ndarray, width: int) -> tuple[np.ndarray, float]:
-    """Distance of every pixel from the backdrop plane fitted (robustly) to the border; and the noise scale."""
+def _plane_residual(img: np.ndarray, width: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """Distance of every pixel from the backdrop plane fitted (robustly) to the border; the noise scale; and the
+    plane itself (H, W, 3): the backdrop colour behind every pixel."""
     h, w, _ = img.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     design = np.stack([np.ones_like(xx), xx / w, yy / h], -1).reshape(-1, 3)
@@ -70,7 +72,7 @@ def _plane_residual(img: np.ndarray, width: int) -> tuple[np.ndarray, float]:
         if use.sum() < 8:
             break
     noise = float(np.median(resid[use])) if use.any() else float(med)
-    return resid.reshape(h, w), max(noise, 0.5)
+    return resid.reshape(h, w), max(noise, 0.5), (design @ coef).reshape(h, w, 3).astype(np.float32)
 
 
 def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
@@ -100,7 +102,7 @@ def foreground_box(image: PIL.Image.Image, min_area: float = 0.002, max_area: fl
     if min(h, w) < 8:
         raise NoProductFound(f"photo is too small ({w}x{h})")
     width = max(1, round(0.02 * min(h, w)))
-    resid, noise = _plane_residual(img, width)
+    resid, noise, plane = _plane_residual(img, width)
     strong = resid > max(8.0 * noise, 12.0)
     strong = _dilate(_erode(strong, 1), 1) if min(h, w) >= 24 else strong  # opening: no isolated noise pixels
     if strong.sum() < max(4, min_area * h * w):
@@ -117,8 +119,53 @@ def foreground_box(image: PIL.Image.Image, min_area: float = 0.002, max_area: fl
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
     matte = np.clip((resid - 3.0 * noise) / max(8.0 * noise, 12.0), 0.0, 1.0)
     matte = np.where(_fill_holes(strong), 1.0, matte) * filled
+    matte = soft_edges(img, plane, filled, matte, noise)
     score = float(np.median(resid[strong]) / max(8.0 * noise, 12.0))
-    return Annotation(box, matte.astype(np.float32), "background", score)
+    return Annotation(box, matte.astype(np.float32), "background", score, backdrop=plane)
+
+
+def from_alpha(alpha: np.ndarray, backdrop=(255, 255, 255), min_area: float = 0.002) -> Annotation:
+    """The annotation a cut-out carries itself: its alpha is the matte, its box the alpha's, and the backdrop
+    the colour it was composited on (`load_cutout`: white)."""
+    alpha = np.clip(np.asarray(alpha, dtype=np.float32), 0, 1)
+    seen = alpha > 0.05
+    if seen.mean() < min_area:
+        raise NoProductFound("the cut-out's alpha is (nearly) empty: nothing to train on")
+    ys, xs = np.nonzero(seen)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    plane = np.broadcast_to(np.asarray(backdrop, np.float32), alpha.shape + (3,)).copy()
+    return Annotation(box, alpha, "alpha", 1.0, backdrop=plane)
+
+
+def soft_edges(img: np.ndarray, backdrop: np.ndarray, region: np.ndarray, matte: np.ndarray, noise: float,
+               radius: int = 2) -> np.ndarray:
+    """Partial coverage on the product's outline. A pixel there mixes the product's colour F and the backdrop's
+    B: I = a F + (1 - a) B. B is the fitted backdrop; F is the purest product colour nearby (the pixel of
+    `region` within `radius` that differs most from its backdrop); a is the projection of I - B on F - B.
+    Pixels one step in or out of `region`'s outline get that a; the rest of `matte` is kept."""
+    t = torch.from_numpy
+    diff = img - backdrop  # (H, W, 3)
+    resid = np.linalg.norm(diff, axis=-1) * region  # only product pixels may lend their colour
+    k = 2 * radius + 1
+    h, w = region.shape
+    _, arg = F.max_pool2d(t(resid.astype(np.float32))[None, None], k, stride=1, padding=radius,
+                          return_indices=True)
+    arg = arg[0, 0].numpy()
+    fg_diff = diff.reshape(-1, 3)[arg.reshape(-1)].reshape(h, w, 3)  # F - B of the purest neighbour
+    norm2 = (fg_diff**2).sum(-1)
+    a = np.clip((diff * fg_diff).sum(-1) / np.maximum(norm2, 1e-6), 0.0, 1.0)
+    band = _dilate(region, 1) & ~_erode(region, 1)
+    usable = band & (norm2 > (6.0 * noise) ** 2)  # a neighbour that differs clearly from the backdrop
+    return np.where(usable, a, matte).astype(np.float32)
+
+
+def decontaminate(img: np.ndarray, backdrop: np.ndarray, matte: np.ndarray, floor: float = 0.05) -> np.ndarray:
+    """The product's own colour under partial coverage: F = B + (I - B) / a (I where a is ~0 or 1), clipped to
+    0-255; what compositing the cut-out onto a new background needs, so the old backdrop does not show as a
+    halo around it."""
+    a = matte[..., None]
+    own = backdrop + (img - backdrop) / np.maximum(a, floor)
+    return np.clip(np.where((a > floor) & (a < 1.0), own, img), 0, 255).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------- DETR
@@ -190,12 +237,15 @@ class Annotator:
             box, score, label = detected
             x0, y0, x1, y1 = box
             fg = np.zeros((image.height, image.width), np.float32)
+            backdrop = None
             try:  # the backdrop's matte inside the DETR box, when there is a backdrop
-                matte = foreground_box(image).foreground
-                fg[y0:y1, x0:x1] = matte[y0:y1, x0:x1]
+                found = foreground_box(image)
+                fg[y0:y1, x0:x1] = found.foreground[y0:y1, x0:x1]
+                backdrop = found.backdrop
             except NoProductFound:
                 pass
             if fg[y0:y1, x0:x1].mean() < 0.2:
                 fg[y0:y1, x0:x1] = 1.0
-            return Annotation(box, fg, "detr", score, label)
+                backdrop = None
+            return Annotation(box, fg, "detr", score, label, backdrop=backdrop)
         return foreground_box(image)

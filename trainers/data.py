@@ -17,7 +17,7 @@ the Trainer's restored step, so data order and augmentation are the same in an i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import lightning as L
@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 
 from subjectpaint.masks import bezier_mask, box_mask
 
-from .annotate import Annotation
+from .annotate import Annotation, decontaminate
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,12 +49,15 @@ class Cutout:
     matte: np.ndarray
     backdrop: tuple[int, int, int]
     tilt: float = 0.0  # degrees (PIL's counter-clockwise) that stand the product upright: `upright_angle(matte)`
+    colors: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) 0-255, the backdrop unmixed from edges
 
     @property
     def crop(self) -> tuple[np.ndarray, np.ndarray]:
-        """The product as photographed: its box of the image (H, W, 3 in [0, 1]) and of the matte."""
+        """The product cut out: its box of the image (H, W, 3 in [0, 1]; on partly covered pixels the product's
+        own colour, with the photo's backdrop taken out, when the annotation knew the backdrop) and of the matte."""
         x0, y0, x1, y1 = self.box
-        return np.asarray(self.image, dtype=np.float32)[y0:y1, x0:x1] / 255, self.matte[y0:y1, x0:x1]
+        colors = np.asarray(self.image, dtype=np.float32) if self.colors is None else self.colors
+        return colors[y0:y1, x0:x1] / 255, self.matte[y0:y1, x0:x1]
 
     @cached_property
     def upright_crop(self) -> tuple[np.ndarray, np.ndarray]:
@@ -93,27 +96,43 @@ def prepare(photo: PIL.Image.Image, note: Annotation, size: int) -> Cutout:
     canvas.paste(photo, (-left, -top))
     matte = PIL.Image.new("F", (side, side), 0.0)
     matte.paste(PIL.Image.fromarray(note.foreground.astype(np.float32), "F"), (-left, -top))
+    colors = None
+    if note.backdrop is not None and note.backdrop.shape[:2] == (h, w):
+        own = decontaminate(arr.astype(np.float32), note.backdrop, note.foreground.astype(np.float32))
+        colors = PIL.Image.new("RGB", (side, side), backdrop)
+        colors.paste(PIL.Image.fromarray(own.round().astype(np.uint8), "RGB"), (-left, -top))
     k = size / side
     box = (int(np.floor((x0 - left) * k)), int(np.floor((y0 - top) * k)),
            min(size, int(np.ceil((x1 - left) * k))), min(size, int(np.ceil((y1 - top) * k))))
     if side != size:
         canvas = canvas.resize((size, size), PIL.Image.BICUBIC)
         matte = matte.resize((size, size), PIL.Image.BILINEAR)
+        colors = colors.resize((size, size), PIL.Image.BICUBIC) if colors is not None else None
     matte = np.clip(np.asarray(matte, dtype=np.float32), 0, 1)
-    return Cutout(canvas, box, matte, backdrop, upright_angle(matte[box[1]:box[3], box[0]:box[2]]))
+    colors = np.asarray(colors, dtype=np.float32) if colors is not None else None
+    return Cutout(canvas, box, matte, backdrop, upright_angle(matte[box[1]:box[3], box[0]:box[2]]), colors)
+
+
+def _resample(product: np.ndarray, matte: np.ndarray, op) -> tuple[np.ndarray, np.ndarray]:
+    """Apply a PIL geometric `op` (image -> image) to a cut-out with premultiplied alpha, so that the pixels
+    around the product (whatever colour they hold) never bleed into its edge. Returns (H', W', 3) colours in
+    [0, 1] (0 where the matte is 0) and the (H', W') matte."""
+    matte = np.clip(np.ascontiguousarray(matte, dtype=np.float32), 0, 1)
+    m = np.clip(np.asarray(op(PIL.Image.fromarray(matte, "F")), dtype=np.float32), 0, 1)
+    pre = [np.asarray(op(PIL.Image.fromarray(np.ascontiguousarray(product[..., c] * matte, dtype=np.float32), "F")),
+                      dtype=np.float32) for c in range(3)]
+    rgb = np.stack(pre, -1) / np.maximum(m, 1e-3)[..., None]
+    return np.where(m[..., None] > 1e-3, np.clip(rgb, 0, 1), 0.0).astype(np.float32), m
 
 
 def _rotate_cutout(product: np.ndarray, matte: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
     """Rotate a product crop (H, W, 3 in [0, 1]) and its matte by `angle` degrees, cropped to the rotated matte."""
-    rgb = PIL.Image.fromarray((product * 255).round().clip(0, 255).astype(np.uint8)).rotate(
-        angle, PIL.Image.BICUBIC, expand=True)
-    m = np.asarray(PIL.Image.fromarray(np.ascontiguousarray(matte, dtype=np.float32), "F").rotate(
-        angle, PIL.Image.BILINEAR, expand=True))
+    rgb, m = _resample(product, matte, lambda im: im.rotate(angle, PIL.Image.BICUBIC, expand=True))
     rows, cols = np.nonzero((m > 0.05).any(1))[0], np.nonzero((m > 0.05).any(0))[0]
     if not len(rows):
         return product, matte
     sl = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    return np.asarray(rgb, dtype=np.float32)[sl] / 255, np.clip(m[sl], 0, 1)
+    return rgb[sl], m[sl]
 
 
 class SubjectData(Dataset):
@@ -156,10 +175,9 @@ class SubjectData(Dataset):
         ph, pw = matte.shape
         k = min(rng.uniform(0.25, 0.6) * S / ph, 0.8 * S / pw)
         nw, nh = max(2, round(pw * k)), max(2, round(ph * k))
-        product = np.asarray(PIL.Image.fromarray((product * 255).round().astype(np.uint8)).resize((nw, nh), PIL.Image.BICUBIC),
-                             dtype=np.float32) / 255 * rng.uniform(0.85, 1.15)
-        matte = np.asarray(PIL.Image.fromarray(np.ascontiguousarray(matte), "F").resize((nw, nh), PIL.Image.BILINEAR))
-        matte = np.clip(matte, 0, 1)[..., None]
+        product, matte = _resample(product, matte, lambda im: im.resize((nw, nh), PIL.Image.BICUBIC))
+        product = product * rng.uniform(0.85, 1.15)
+        matte = matte[..., None]
         x = int(rng.integers(0, S - nw + 1))
         bottom = int(rng.integers(min(S, max(nh, int(0.55 * S))), S + 1))
         y = bottom - nh
