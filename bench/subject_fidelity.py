@@ -57,14 +57,30 @@ def scenes_for(product_seed: int, n: int, validate: bool, size: int):
     return product, [make_scene(s, size, product=product) for s in seeds]
 
 
-def place(studio, scenes, steps, seed, subject=None):
+def place(studio, scenes, steps, seed, subject=None, images=None):
     jobs = [(s.room, s.mask, s.exemplar) for s in scenes]
     if subject is None:
         placed = studio.inpaint_many(jobs, steps=steps, seed=seed, progress=False)
     else:
         with subject.applied(studio):
             placed = studio.inpaint_many(jobs, steps=steps, seed=seed, progress=False)
+    if images is not None:
+        images.extend(p.image for p in placed)
     return [masked_psnr(p.image, s.composite, s.mask) for p, s in zip(placed, scenes)]
+
+
+def fidelity_grid(path, photos, scenes, base_images, adapter_images, base_psnr, adapter_psnr, n=6):
+    """The retailer's photos, then per scene: room + mask | exemplar | base alone | base + adapter | truth."""
+    from subjectpaint.result import image_grid, save_image
+
+    rows = [[(f"photo {i + 1}", ph) for i, ph in enumerate(photos)]]
+    for k in range(min(n, len(scenes))):
+        sc = scenes[k]
+        rows.append([("room", sc.room), ("mask", sc.mask), ("exemplar", sc.exemplar),
+                     (f"base {base_psnr[k]:.1f} dB", base_images[k]),
+                     (f"adapter {adapter_psnr[k]:.1f} dB", adapter_images[k]), ("truth", sc.composite)])
+    save_image(image_grid(rows, height=128), path)
+    print(f"wrote {path}")
 
 
 def oracle_subject(base, product, k: int, n: int, args, steps: int, lr: float) -> Subject:
@@ -156,11 +172,14 @@ def main(argv=None):
     ap.add_argument("--photos", type=int, default=3, help="retailer photos per product (the issue's setting: 3)")
     ap.add_argument("--shadow-p", type=float, default=0.7, help="share of composites with a contact shadow")
     ap.add_argument("--no-upright", action="store_true", help="composite the product as photographed (tilted)")
+    ap.add_argument("--grid", default="docs/subject_fidelity.png",
+                    help="before/after grid of the first product ('' to skip; not written with --quick)")
     ap.add_argument("--cutouts", action="store_true",
                     help="the retailer uploads cut-outs (RGBA PNGs with the product's alpha) instead of photos")
     args = ap.parse_args(argv)
     if args.quick:
         args.products, args.scenes, args.steps, args.sample_steps = 2, 4, args.steps or 40, 10
+        args.grid = ""
     from subjectpaint.subject import DEFAULT_LR, DEFAULT_STEPS
 
     steps, lr = args.steps or DEFAULT_STEPS, args.lr or DEFAULT_LR
@@ -193,12 +212,16 @@ def main(argv=None):
                                         storage="fp32", detector=None, composite_p=args.composite_p,
                                         shadow_p=args.shadow_p, upright=not args.no_upright, progress=False)
             train_s = time.time() - t0
-            base_psnr = place(studio, scenes, args.sample_steps, args.seed)
+            pictures = ([], []) if index == 0 and args.grid else (None, None)
+            base_psnr = place(studio, scenes, args.sample_steps, args.seed, images=pictures[0])
             row = {"product": ps, "shape": product.shape, "scenes": len(scenes), "train_s": round(train_s, 1),
                    "base": statistics.fmean(base_psnr)}
             for name, variant in variants(subject, args.energy).items():
-                psnr = place(studio, scenes, args.sample_steps, args.seed, variant)
+                psnr = place(studio, scenes, args.sample_steps, args.seed, variant,
+                             images=pictures[1] if name == "int8" else None)
                 row[name] = statistics.fmean(psnr)
+                if name == "int8" and pictures[1] is not None:
+                    fidelity_grid(args.grid, photos, scenes, *pictures, base_psnr, psnr)
                 row[f"{name}_bytes"] = variant.stored_bytes
             row["gain"] = row["int8"] - row["base"]
             rows.append(row)
