@@ -174,6 +174,8 @@ def main(argv=None):
     ap.add_argument("--no-upright", action="store_true", help="composite the product as photographed (tilted)")
     ap.add_argument("--grid", default="docs/subject_fidelity.png",
                     help="before/after grid of the first product ('' to skip; not written with --quick)")
+    ap.add_argument("--exposure", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help="brightness factor range on the composited product (default: Subject.train's)")
     ap.add_argument("--cutouts", action="store_true",
                     help="the retailer uploads cut-outs (RGBA PNGs with the product's alpha) instead of photos")
     args = ap.parse_args(argv)
@@ -210,7 +212,8 @@ def main(argv=None):
                 subject = Subject.train(photos, f"p{ps}", studio, rank=args.rank, steps=steps, batch_size=args.batch,
                                         lr=lr, dropout=args.dropout, seed=args.seed, targets=tuple(args.targets),
                                         storage="fp32", detector=None, composite_p=args.composite_p,
-                                        shadow_p=args.shadow_p, upright=not args.no_upright, progress=False)
+                                        shadow_p=args.shadow_p, upright=not args.no_upright,
+                                        **({"exposure": tuple(args.exposure)} if args.exposure else {}), progress=False)
             train_s = time.time() - t0
             pictures = ([], []) if index == 0 and args.grid else (None, None)
             base_psnr = place(studio, scenes, args.sample_steps, args.seed, images=pictures[0])
@@ -237,7 +240,7 @@ def main(argv=None):
     print(format_table(table + [mean]))
     summary = {
         "bench": "subject_fidelity", "quick": args.quick, "validate": args.validate, "base": base.name,
-        "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "cutouts": args.cutouts, "oracle_scenes": args.oracle,
+        "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "cutouts": args.cutouts, "exposure": args.exposure, "oracle_scenes": args.oracle,
         "train_steps": steps, "lr": lr,
         "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p,
         "shadow_p": args.shadow_p, "upright": not args.no_upright, "batch": args.batch, "sample_steps": args.sample_steps,

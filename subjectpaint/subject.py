@@ -128,6 +128,7 @@ class Subject:
         composite_p: float = 1.0,
         upright: bool = True,
         shadow_p: float = 0.7,
+        exposure: tuple[float, float] = (0.65, 1.1),
         storage: str = "int8",
         energy: float | None = None,
         workdir: str | os.PathLike | None = None,
@@ -145,8 +146,10 @@ class Subject:
         product onto (default: 32 procedural demo rooms); `composite_p`: the share of training targets that are such
         composites (the rest are the photos themselves); `upright`: stand a tilted photo's product upright in the
         composites (`trainers.data.upright_angle`); `shadow_p`: the share of composites with a contact shadow under
-        the product (painted inside the mask, as a placement must). Raises InvalidName, InvalidArgument, InvalidImage
-        (corrupt file, no product found), SubjectExists before any training or writing.
+        the product (painted inside the mask, as a placement must); `exposure`: the range of the brightness factor
+        on the composited product (product photos are usually lit brighter than the rooms they go into). Raises
+        InvalidName, InvalidArgument, InvalidImage (corrupt file, no product found), SubjectExists before any
+        training or writing.
         """
         from adapters_store.naming import validate_name
         from trainers.annotate import Annotator, NoProductFound, from_alpha
@@ -165,6 +168,12 @@ class Subject:
         for what, p in (("composite_p", composite_p), ("shadow_p", shadow_p)):
             if not 0.0 <= float(p) <= 1.0:
                 raise InvalidArgument(f"{what} must be in [0, 1], got {p}")
+        try:
+            lo, hi = (float(v) for v in exposure)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"exposure must be (low, high), got {exposure!r}") from None
+        if not 0.0 < lo <= hi:
+            raise InvalidArgument(f"exposure must be (low, high) with 0 < low <= high, got {exposure!r}")
         if energy is not None and not 0.0 < float(energy) <= 1.0:
             raise InvalidArgument(f"energy must be in (0, 1], got {energy}")
         for what, value in (("rank", rank), ("steps", steps), ("batch_size", batch_size)):
@@ -197,7 +206,8 @@ class Subject:
                            for k in range(32)]
         backgrounds = [load_image(b, "background") for b in backgrounds]
         data = SubjectDataModule.for_base(base, photos, notes, backgrounds=backgrounds, batch_size=batch_size,
-                                          seed=seed, composite_p=composite_p, upright=upright, shadow_p=shadow_p)
+                                          seed=seed, composite_p=composite_p, upright=upright, shadow_p=shadow_p,
+                                          exposure=exposure)
         module = SubjectLoRAModule(base, rank=rank, alpha=alpha, dropout=dropout, targets=targets, lr=lr, seed=seed)
         with tempfile.TemporaryDirectory(prefix="subjectpaint-train-") as tmp:
             trainer = fit(module, data, steps, workdir if workdir is not None else tmp, progress=progress,

@@ -136,3 +136,19 @@ def test_prepared_cutout_colours_lose_the_halo_of_the_backdrop():
     far = np.linalg.norm(colors[edge] - backdrop, axis=-1).mean()
     near = np.linalg.norm(raw[edge] - backdrop, axis=-1).mean()
     assert far > near + 0.05
+
+
+def test_exposure_scales_the_composited_product():
+    import PIL.Image
+
+    photos = [p.image for p in product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[2]), 1)]
+    cut = prepare(photos[0], foreground_box(photos[0]), 64)
+    black = [PIL.Image.new("RGB", (64, 64), (0, 0, 0))]
+    means = []
+    for exposure in ((0.5, 0.5), (1.0, 1.0)):
+        ds = SubjectData([cut], black, size=64, composite_p=1.0, exposure=exposure)
+        image, box, _ = ds.composite(cut, np.random.default_rng(0))  # same draws: same size, place and flip
+        means.append(np.asarray(image, dtype=np.float32)[box[1]:box[3], box[0]:box[2]].mean())
+    assert means[0] == pytest.approx(means[1] / 2, rel=0.02)
+    with pytest.raises(ValueError):
+        SubjectData([cut], black, size=64, exposure=(0.0, 1.0))

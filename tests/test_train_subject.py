@@ -81,13 +81,14 @@ def corrupt_file(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["zero photos", "corrupt file", "uniform image", "missing file", "bad name",
-                                  "bad rank", "bad composite share", "bad shadow share", "empty cut-out"])
+                                  "bad rank", "bad composite share", "bad shadow share", "empty cut-out",
+                                  "bad exposure"])
 def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_path, case):
     name, images, kw = "mug", list(photos), {}
     expected = {"zero photos": InvalidArgument, "corrupt file": InvalidImage, "uniform image": InvalidImage,
                 "missing file": InvalidImage, "bad name": InvalidName, "bad rank": InvalidArgument,
                 "bad composite share": InvalidArgument, "bad shadow share": InvalidArgument,
-                "empty cut-out": InvalidImage}[case]
+                "empty cut-out": InvalidImage, "bad exposure": InvalidArgument}[case]
     if case == "zero photos":
         images = []
     elif case == "corrupt file":
@@ -102,6 +103,8 @@ def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_pat
         kw["rank"] = 0
     elif case == "bad shadow share":
         kw["shadow_p"] = -0.1
+    elif case == "bad exposure":
+        kw["exposure"] = (1.2, 0.8)
     elif case == "empty cut-out":
         images[2] = PIL.Image.new("RGBA", (32, 32), (200, 30, 30, 0))  # transparent everywhere
     else:

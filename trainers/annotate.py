@@ -38,7 +38,7 @@ class Annotation:
     method: str  # "detr" or "background"
     score: float  # DETR class probability, or the backdrop contrast (foreground residual / threshold)
     label: str | None = None
-    backdrop: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) fitted backdrop colour, 0-255
+    backdrop: np.ndarray | None = field(default=None, repr=False, compare=False)  # (H, W, 3) backdrop fit, 0-255
 
     def as_metadata(self) -> dict:
         return {"box": list(self.box), "method": self.method, "score": round(float(self.score), 4),

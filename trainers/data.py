@@ -49,7 +49,7 @@ class Cutout:
     matte: np.ndarray
     backdrop: tuple[int, int, int]
     tilt: float = 0.0  # degrees (PIL's counter-clockwise) that stand the product upright: `upright_angle(matte)`
-    colors: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) 0-255, the backdrop unmixed from edges
+    colors: np.ndarray | None = field(default=None, repr=False, compare=False)  # (H, W, 3) 0-255, edges unmixed
 
     @property
     def crop(self) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +147,8 @@ class SubjectData(Dataset):
 
     def __init__(self, cutouts: list[Cutout], backgrounds: list[PIL.Image.Image] | None = None, *,
                  size: int, reference_size: int | None = None, seed: int = 0, composite_p: float = 0.6,
-                 bezier_p: float = 0.5, upright: bool = False, shadow_p: float = 0.0, mean=CLIP_MEAN,
+                 bezier_p: float = 0.5, upright: bool = False, shadow_p: float = 0.0, exposure=(0.85, 1.15),
+                 mean=CLIP_MEAN,
                  std=CLIP_STD, length: int = 1 << 30):
         if not cutouts:
             raise ValueError("SubjectData needs at least one photo")
@@ -157,6 +158,10 @@ class SubjectData(Dataset):
         self.reference_size = reference_size or size
         self.bezier_p, self.mean, self.std = bezier_p, tuple(mean), tuple(std)
         self.upright, self.shadow_p = bool(upright), float(shadow_p)
+        lo, hi = (float(v) for v in exposure)
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"exposure must be (low, high) with 0 < low <= high, got {exposure!r}")
+        self.exposure = (lo, hi)
 
     def __len__(self):
         return self.length
@@ -165,7 +170,7 @@ class SubjectData(Dataset):
 
     def composite(self, cut: Cutout, rng: np.random.Generator):
         """The product from `cut` pasted onto a random background: height 25-60% of the frame, standing in the
-        lower part, random horizontal flip and brightness. With `upright`, the photo's tilt is undone first; with
+        lower part, random horizontal flip and brightness (a factor drawn from `exposure`). With `upright`, the photo's tilt is undone first; with
         probability `shadow_p` a soft contact shadow is laid under it (as a product standing on a floor has).
         Returns the image, the product box and the box the mask must cover (product and shadow)."""
         S = self.size
@@ -176,7 +181,7 @@ class SubjectData(Dataset):
         k = min(rng.uniform(0.25, 0.6) * S / ph, 0.8 * S / pw)
         nw, nh = max(2, round(pw * k)), max(2, round(ph * k))
         product, matte = _resample(product, matte, lambda im: im.resize((nw, nh), PIL.Image.BICUBIC))
-        product = product * rng.uniform(0.85, 1.15)
+        product = product * rng.uniform(*self.exposure)
         matte = matte[..., None]
         x = int(rng.integers(0, S - nw + 1))
         bottom = int(rng.integers(min(S, max(nh, int(0.55 * S))), S + 1))
@@ -264,14 +269,15 @@ class SubjectDataModule(L.LightningDataModule):
     def __init__(self, photos: list[PIL.Image.Image], annotations: list[Annotation], *, size: int,
                  reference_size: int | None = None, backgrounds: list[PIL.Image.Image] | None = None,
                  batch_size: int = 8, seed: int = 0, composite_p: float = 0.6, bezier_p: float = 0.5,
-                 upright: bool = False, shadow_p: float = 0.0, mean=CLIP_MEAN, std=CLIP_STD, num_workers: int = 0):
+                 upright: bool = False, shadow_p: float = 0.0, exposure=(0.85, 1.15), mean=CLIP_MEAN, std=CLIP_STD,
+                 num_workers: int = 0):
         super().__init__()
         if len(photos) != len(annotations) or not photos:
             raise ValueError("need one annotation per photo and at least one photo")
         self.cutouts = [prepare(p, a, size) for p, a in zip(photos, annotations)]
         self.dataset = SubjectData(self.cutouts, backgrounds, size=size, reference_size=reference_size, seed=seed,
                                    composite_p=composite_p, bezier_p=bezier_p, upright=upright, shadow_p=shadow_p,
-                                   mean=mean, std=std)
+                                   exposure=exposure, mean=mean, std=std)
         self.batch_size, self.num_workers = batch_size, num_workers
 
     @classmethod
