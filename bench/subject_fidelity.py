@@ -240,7 +240,9 @@ def main(argv=None):
     print(format_table(table + [mean]))
     summary = {
         "bench": "subject_fidelity", "quick": args.quick, "validate": args.validate, "base": base.name,
-        "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "cutouts": args.cutouts, "exposure": args.exposure, "oracle_scenes": args.oracle,
+        "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "cutouts": args.cutouts,
+        "exposure": list(args.exposure or __import__("inspect").signature(Subject.train).parameters["exposure"].default),
+        "oracle_scenes": args.oracle,
         "train_steps": steps, "lr": lr,
         "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p,
         "shadow_p": args.shadow_p, "upright": not args.no_upright, "batch": args.batch, "sample_steps": args.sample_steps,

@@ -104,12 +104,15 @@ def prepare(photo: PIL.Image.Image, note: Annotation, size: int) -> Cutout:
     k = size / side
     box = (int(np.floor((x0 - left) * k)), int(np.floor((y0 - top) * k)),
            min(size, int(np.ceil((x1 - left) * k))), min(size, int(np.ceil((y1 - top) * k))))
+    if colors is not None:
+        colors = np.asarray(colors, dtype=np.float32)
     if side != size:
         canvas = canvas.resize((size, size), PIL.Image.BICUBIC)
+        if colors is not None:  # premultiplied: the backdrop around the product stays out of its edge
+            shrink = lambda im: im.resize((size, size), PIL.Image.BICUBIC)  # noqa: E731
+            colors = _resample(colors / 255, np.asarray(matte), shrink)[0] * 255
         matte = matte.resize((size, size), PIL.Image.BILINEAR)
-        colors = colors.resize((size, size), PIL.Image.BICUBIC) if colors is not None else None
     matte = np.clip(np.asarray(matte, dtype=np.float32), 0, 1)
-    colors = np.asarray(colors, dtype=np.float32) if colors is not None else None
     return Cutout(canvas, box, matte, backdrop, upright_angle(matte[box[1]:box[3], box[0]:box[2]]), colors)
 
 
@@ -148,8 +151,7 @@ class SubjectData(Dataset):
     def __init__(self, cutouts: list[Cutout], backgrounds: list[PIL.Image.Image] | None = None, *,
                  size: int, reference_size: int | None = None, seed: int = 0, composite_p: float = 0.6,
                  bezier_p: float = 0.5, upright: bool = False, shadow_p: float = 0.0, exposure=(0.85, 1.15),
-                 mean=CLIP_MEAN,
-                 std=CLIP_STD, length: int = 1 << 30):
+                 mean=CLIP_MEAN, std=CLIP_STD, length: int = 1 << 30):
         if not cutouts:
             raise ValueError("SubjectData needs at least one photo")
         self.cutouts, self.size, self.seed, self.length = cutouts, size, seed, length
@@ -170,8 +172,9 @@ class SubjectData(Dataset):
 
     def composite(self, cut: Cutout, rng: np.random.Generator):
         """The product from `cut` pasted onto a random background: height 25-60% of the frame, standing in the
-        lower part, random horizontal flip and brightness (a factor drawn from `exposure`). With `upright`, the photo's tilt is undone first; with
-        probability `shadow_p` a soft contact shadow is laid under it (as a product standing on a floor has).
+        lower part, random horizontal flip and brightness (a factor drawn from `exposure`). With `upright`, the
+        photo's tilt is undone first; with probability `shadow_p` a soft contact shadow is laid under it (as a
+        product standing on a floor has).
         Returns the image, the product box and the box the mask must cover (product and shadow)."""
         S = self.size
         product, matte = cut.upright_crop if self.upright else cut.crop
