@@ -124,8 +124,9 @@ def test_cutouts_carry_no_backdrop_into_their_edges():
         assert seen.any() and rgb[seen][:, 1].max() < 0.2 and rgb[seen][:, 2].max() < 0.2
 
 
-def test_prepared_cutout_colours_lose_the_halo_of_the_backdrop():
-    photo = product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[0]), 1)[0]
+@pytest.mark.parametrize("photo_size", [64, 128])  # 128: the photo is scaled down to the training size
+def test_prepared_cutout_colours_lose_the_halo_of_the_backdrop(photo_size):
+    photo = product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[0]), 1, size=photo_size)[0]
     cut = prepare(photo.image, foreground_box(photo.image), 64)
     colors, matte = cut.crop
     raw = np.asarray(cut.image, dtype=np.float32)[cut.box[1]:cut.box[3], cut.box[0]:cut.box[2]] / 255
