@@ -73,14 +73,15 @@ def cmd_eval(args) -> int:
 def cmd_train(args) -> int:
     from adapters_store import Registry
 
-    from .subject import Subject
+    from .subject import DEFAULT_STEPS, Subject
 
     studio = _load_studio(args)
     with Registry(args.registry, args.blobs) as registry:
-        subject = Subject.train(args.photos, args.name, studio, rank=args.rank, steps=args.steps or 300,
+        subject = Subject.train(args.photos, args.name, studio, rank=args.rank, steps=args.steps or DEFAULT_STEPS,
                                 new_version=args.new_version, storage=args.storage, seed=args.seed,
                                 registry=registry, workdir=args.workdir, progress=not args.quiet,
-                                detector=None if args.no_detr else args.detector)
+                                detector=None if args.no_detr else args.detector,
+                                **({"lr": args.lr} if args.lr is not None else {}))
     if not args.quiet:
         r = subject.record
         print(f"registered {subject.ref}: rank {subject.rank}, {r.byte_size} bytes, "
@@ -187,9 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a subject adapter from 2-4 product photos and register it")
     p.add_argument("name", help="subject name in the registry")
-    p.add_argument("photos", nargs="+", help="product photos (plain backdrop works best)")
+    p.add_argument("photos", nargs="+", help="product photos on a plain backdrop, or cut-outs (transparent PNGs)")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 4e-3, for the demo base on a CPU; the paper's 3e-5 for a full-size base)")
     p.add_argument("--new-version", action="store_true", help="add a version to an existing name")
     p.add_argument("--storage", choices=("int8", "fp16", "fp32"), default="int8")
     p.add_argument("--seed", type=int, default=0)

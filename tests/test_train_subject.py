@@ -1,5 +1,6 @@
 """Subject.train / load / applied end to end on the tiny base; bad input writes nothing; CLI train."""
 
+import json
 import os
 
 import numpy as np
@@ -150,7 +151,11 @@ def test_cli_train(tmp_path, photos, capsys):
     assert main(argv) == 0
     assert main(argv) == 1  # the name is taken now
     assert "SubjectExists" in capsys.readouterr().err
-    assert main(argv + ["--new-version"]) == 0
+    assert main(argv + ["--new-version", "--lr", "3e-5"]) == 0
     with Registry(store[1], store[3]) as registry:
-        assert registry.get("lamp").version == 2
+        record = registry.get("lamp")
+        assert record.version == 2
+        training = record.metadata["training"]
+        training = json.loads(training) if isinstance(training, str) else training
+        assert training["lr"] == 3e-5 and training["steps"] == 2
     assert main(["train", "bad", str(tmp_path / "missing.png"), "--base", "tiny", "-q", *store]) == 1
