@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         together = studio.progressive(**opts).place_many(list(zip(subjects, masks)), room)
         union = PIL.Image.fromarray(np.maximum.reduce([np.asarray(m) for m in masks]), "L")
         if n == args.room:  # timing on the first room: K=4 pass vs one subject, interleaved
-            first = (room, truth, masks, exemplars, subjects, alone, together)
+            first = (room, truth, masks, exemplars, subjects, alone)
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
                 studio.progressive(**opts).place_many(list(zip(subjects, masks)), room)
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
             print(f"room {n} region {k}: alone {a:.2f} dB, in the K=4 pass {b:.2f} dB (delta {b - a:+.2f}); this "
                   f"subject alone on all 4 masks {c:.2f} dB (K=4 vs it {b - c:+.2f}); alone, next seed {f:.2f} dB "
                   f"({f - a:+.2f})", flush=True)
-    room, truth, masks, exemplars, subjects, alone, together = first
+    room, truth, masks, exemplars, subjects, alone = first  # for the memory check and the 3-subject grid
     if args.area_grid and not args.quick:  # the region where the K=4 pass and alone differ most, and why
         _, n, k, room_n, truth_n, m, ex, a_img, u_img, t_img = worst
         save_image(image_grid([[("room", room_n), (f"room {n}, region {k}", m), ("exemplar", ex), ("truth", truth_n)],

@@ -33,11 +33,7 @@ MAX_PIXELS = 64_000_000
 
 def load_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
     """Return an 8-bit RGB PIL image, or raise `InvalidImage` saying what is wrong with `what`."""
-    pil = _to_pil(image, what, InvalidImage)
-    pil = _to_rgb(pil)
-    if pil.width == 0 or pil.height == 0:
-        raise InvalidImage(f"{what} has zero size")
-    return pil
+    return _rgb(_to_pil(image, what, InvalidImage), what)
 
 
 def load_cutout(image: ImageInput, what: str = "image") -> tuple[PIL.Image.Image, np.ndarray | None]:
@@ -49,10 +45,14 @@ def load_cutout(image: ImageInput, what: str = "image") -> tuple[PIL.Image.Image
     if pil.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (pil.mode == "P" and "transparency" in pil.info):
         a = np.asarray(pil.convert("RGBA"), dtype=np.float32)[..., 3] / 255.0
         alpha = a if a.min() < 1.0 else None
+    return _rgb(pil, what), alpha
+
+
+def _rgb(pil: PIL.Image.Image, what: str) -> PIL.Image.Image:
     rgb = _to_rgb(pil)
     if rgb.width == 0 or rgb.height == 0:
         raise InvalidImage(f"{what} has zero size")
-    return rgb, alpha
+    return rgb
 
 
 def load_exemplar(image: ImageInput) -> PIL.Image.Image:

@@ -157,7 +157,7 @@ class Subject:
         from adapters_store.naming import validate_name
         from trainers.annotate import Annotator, NoProductFound, from_alpha
         from trainers import export
-        from trainers.data import SubjectDataModule
+        from trainers.data import SubjectDataModule, check_exposure
         from trainers.lora_module import SubjectLoRAModule, fit
 
         # 1. Check inputs: nothing is trained or written on bad input
@@ -172,11 +172,9 @@ class Subject:
             if not 0.0 <= float(p) <= 1.0:
                 raise InvalidArgument(f"{what} must be in [0, 1], got {p}")
         try:
-            lo, hi = (float(v) for v in exposure)
-        except (TypeError, ValueError):
-            raise InvalidArgument(f"exposure must be (low, high), got {exposure!r}") from None
-        if not 0.0 < lo <= hi:
-            raise InvalidArgument(f"exposure must be (low, high) with 0 < low <= high, got {exposure!r}")
+            check_exposure(exposure)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         if energy is not None and not 0.0 < float(energy) <= 1.0:
             raise InvalidArgument(f"energy must be in (0, 1], got {energy}")
         for what, value in (("rank", rank), ("steps", steps), ("batch_size", batch_size)):

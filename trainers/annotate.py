@@ -84,6 +84,12 @@ def _erode(mask: np.ndarray, r: int) -> np.ndarray:
     return ~_dilate(~mask, r)
 
 
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """The (x0, y0, x1, y1) box of a non-empty boolean mask (x1, y1 exclusive)."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """Background = what a flood fill from the border reaches through non-mask pixels; the rest is product."""
     h, w = mask.shape
@@ -115,8 +121,7 @@ def foreground_box(image: PIL.Image.Image, min_area: float = 0.002, max_area: fl
     area = filled.mean()
     if area > max_area:
         raise NoProductFound("the whole photo differs from its border: no plain backdrop to find the product on")
-    ys, xs = np.nonzero(filled)
-    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    box = _box(filled)
     matte = np.clip((resid - 3.0 * noise) / max(8.0 * noise, 12.0), 0.0, 1.0)
     matte = np.where(_fill_holes(strong), 1.0, matte) * filled
     matte = soft_edges(img, plane, filled, matte, noise)
@@ -131,8 +136,7 @@ def from_alpha(alpha: np.ndarray, backdrop=(255, 255, 255), min_area: float = 0.
     seen = alpha > 0.05
     if seen.mean() < min_area:
         raise NoProductFound("the cut-out's alpha is (nearly) empty: nothing to train on")
-    ys, xs = np.nonzero(seen)
-    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    box = _box(seen)
     plane = np.broadcast_to(np.asarray(backdrop, np.float32), alpha.shape + (3,)).copy()
     return Annotation(box, alpha, "alpha", 1.0, backdrop=plane)
 

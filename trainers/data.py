@@ -116,6 +116,17 @@ def prepare(photo: PIL.Image.Image, note: Annotation, size: int) -> Cutout:
     return Cutout(canvas, box, matte, backdrop, upright_angle(matte[box[1]:box[3], box[0]:box[2]]), colors)
 
 
+def check_exposure(exposure) -> tuple[float, float]:
+    """(low, high) of the composited product's brightness factor, 0 < low <= high; ValueError otherwise."""
+    try:
+        lo, hi = (float(v) for v in exposure)
+    except (TypeError, ValueError):
+        raise ValueError(f"exposure must be (low, high), got {exposure!r}") from None
+    if not 0.0 < lo <= hi:
+        raise ValueError(f"exposure must be (low, high) with 0 < low <= high, got {exposure!r}")
+    return lo, hi
+
+
 def _resample(product: np.ndarray, matte: np.ndarray, op) -> tuple[np.ndarray, np.ndarray]:
     """Apply a PIL geometric `op` (image -> image) to a cut-out with premultiplied alpha, so that the pixels
     around the product (whatever colour they hold) never bleed into its edge. Returns (H', W', 3) colours in
@@ -160,10 +171,7 @@ class SubjectData(Dataset):
         self.reference_size = reference_size or size
         self.bezier_p, self.mean, self.std = bezier_p, tuple(mean), tuple(std)
         self.upright, self.shadow_p = bool(upright), float(shadow_p)
-        lo, hi = (float(v) for v in exposure)
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"exposure must be (low, high) with 0 < low <= high, got {exposure!r}")
-        self.exposure = (lo, hi)
+        self.exposure = check_exposure(exposure)
 
     def __len__(self):
         return self.length
