@@ -13,8 +13,9 @@ vs base + adapter, same exemplar (the scene's own) and same sampling seed. The a
 
 `--validate` runs the same protocol on products outside both product splits and on training-split scene seeds:
 that is the set hyperparameters were chosen on. `--oracle N` is a diagnostic upper bound: the same LoRA module,
-steps and learning rate, but trained on N true demo scenes of the product (training-split rooms, never the eval
-scenes) instead of composites of its photos. Last stdout line: JSON.
+steps, learning rate and strength, but trained on N true demo scenes of the product (training-split rooms, never
+the eval scenes) instead of composites of its photos. A control column: the next product's adapter on this
+product's scenes (if the gain were not the product's own, it would show there too). Last stdout line: JSON.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def oracle_subject(base, product, k: int, n: int, args, steps: int, lr: float) -
     fit(module, data, steps, progress=False)
     meta = export.build_metadata(rank=args.rank, alpha=float(args.rank), targets=tuple(args.targets),
                                  base_fingerprint=base.fingerprint(), subject=f"oracle{product.seed}")
-    return Subject(f"oracle{product.seed}", None, meta, export.fold_scale(module.lora_state_dict(), args.rank, args.rank))
+    tensors = export.fold_scale(module.lora_state_dict(), args.rank, args.rank * args.strength)
+    return Subject(f"oracle{product.seed}", None, meta, tensors)
 
 
 def cutout(photo):
@@ -176,15 +178,17 @@ def main(argv=None):
                     help="before/after grid of the first product ('' to skip; not written with --quick)")
     ap.add_argument("--exposure", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                     help="brightness factor range on the composited product (default: Subject.train's)")
+    ap.add_argument("--strength", type=float, default=None, help="exported fraction of the delta (default: Subject.train's)")
     ap.add_argument("--cutouts", action="store_true",
                     help="the retailer uploads cut-outs (RGBA PNGs with the product's alpha) instead of photos")
     args = ap.parse_args(argv)
     if args.quick:
         args.products, args.scenes, args.steps, args.sample_steps = 2, 4, args.steps or 40, 10
         args.grid = ""
-    from subjectpaint.subject import DEFAULT_LR, DEFAULT_STEPS
+    from subjectpaint.subject import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_STRENGTH
 
     steps, lr = args.steps or DEFAULT_STEPS, args.lr or DEFAULT_LR
+    args.strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.base == "tiny":
@@ -195,7 +199,7 @@ def main(argv=None):
         base = ExemplarInpainter.demo()
     size = base.resolution
     products = (VALIDATION_PRODUCTS if args.validate else HELDOUT_PRODUCT_SEEDS)[: args.products]
-    rows, started = [], time.time()
+    rows, started, kept = [], time.time(), []
     with tempfile.TemporaryDirectory() as tmp:
         from adapters_store import Registry
 
@@ -210,7 +214,8 @@ def main(argv=None):
                 subject = oracle_subject(base, product, index, args.oracle, args, steps, lr)
             else:
                 subject = Subject.train(photos, f"p{ps}", studio, rank=args.rank, steps=steps, batch_size=args.batch,
-                                        lr=lr, dropout=args.dropout, seed=args.seed, targets=tuple(args.targets),
+                                        lr=lr, strength=args.strength, dropout=args.dropout, seed=args.seed,
+                                        targets=tuple(args.targets),
                                         storage="fp32", detector=None, composite_p=args.composite_p,
                                         shadow_p=args.shadow_p, upright=not args.no_upright,
                                         **({"exposure": tuple(args.exposure)} if args.exposure else {}), progress=False)
@@ -219,7 +224,8 @@ def main(argv=None):
             base_psnr = place(studio, scenes, args.sample_steps, args.seed, images=pictures[0])
             row = {"product": ps, "shape": product.shape, "scenes": len(scenes), "train_s": round(train_s, 1),
                    "base": statistics.fmean(base_psnr)}
-            for name, variant in variants(subject, args.energy).items():
+            forms = variants(subject, args.energy)
+            for name, variant in forms.items():
                 psnr = place(studio, scenes, args.sample_steps, args.seed, variant,
                              images=pictures[1] if name == "int8" else None)
                 row[name] = statistics.fmean(psnr)
@@ -228,28 +234,36 @@ def main(argv=None):
                 row[f"{name}_bytes"] = variant.stored_bytes
             row["gain"] = row["int8"] - row["base"]
             rows.append(row)
+            kept.append((scenes, forms["int8"]))
             print(format_table([{k: v for k, v in row.items() if not k.endswith("_bytes")}]), flush=True)
-    names = [k for k in rows[0] if k not in ("product", "shape", "scenes", "train_s", "base", "gain")
-             and not k.endswith("_bytes")]
+        # control: is the gain the product's own? The next product's adapter on these scenes (same exemplar)
+        for k, row in enumerate(rows):
+            other = kept[(k + 1) % len(kept)][1] if len(kept) > 1 else None
+            row["other_adapter_gain"] = (statistics.fmean(place(studio, kept[k][0], args.sample_steps, args.seed, other))
+                                         - row["base"]) if other is not None else float("nan")
+    names = [k for k in rows[0] if k not in ("product", "shape", "scenes", "train_s", "base", "gain",
+                                             "other_adapter_gain") and not k.endswith("_bytes")]
     table = [{k: v for k, v in r.items() if not k.endswith("_bytes")} for r in rows]
     mean = {"product": "mean", "shape": "", "scenes": sum(r["scenes"] for r in rows),
             "train_s": round(statistics.fmean(r["train_s"] for r in rows), 1),
             "base": statistics.fmean(r["base"] for r in rows),
             **{n: statistics.fmean(r[n] for r in rows) for n in names}}
     mean["gain"] = mean["int8"] - mean["base"]
+    mean["other_adapter_gain"] = statistics.fmean(r["other_adapter_gain"] for r in rows)
     print(format_table(table + [mean]))
     summary = {
         "bench": "subject_fidelity", "quick": args.quick, "validate": args.validate, "base": base.name,
         "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "cutouts": args.cutouts,
         "exposure": list(args.exposure or __import__("inspect").signature(Subject.train).parameters["exposure"].default),
         "oracle_scenes": args.oracle,
-        "train_steps": steps, "lr": lr,
+        "train_steps": steps, "lr": lr, "strength": args.strength,
         "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p,
         "shadow_p": args.shadow_p, "upright": not args.no_upright, "batch": args.batch, "sample_steps": args.sample_steps,
         "psnr_base": round(mean["base"], 3),
         **{f"psnr_{n}": round(mean[n], 3) for n in names},
         "gain_db_default_storage": round(mean["int8"] - mean["base"], 3),
         "gain_db_fp32": round(mean["fp32"] - mean["base"], 3),
+        "other_product_adapter_gain_db": round(mean["other_adapter_gain"], 3),
         "compression_loss_db": {n: round(mean["fp32"] - mean[n], 3) for n in names if n != "fp32"},
         "goal_gain_db": 2.0, "goal_met": bool(mean["int8"] - mean["base"] >= 2.0),
         "minutes": round((time.time() - started) / 60, 1),

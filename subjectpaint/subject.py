@@ -32,6 +32,12 @@ DEFAULT_STEPS = 300
 # --validate: 1e-3 -0.09 dB, 2e-3 +0.55, 4e-3 +0.90, 8e-3 worse). The paper's 3e-5 (batch 16, 40 epochs on a GPU) is
 # the setting for a full-size base.
 DEFAULT_LR = 4e-3
+# The adapter is exported at this fraction of its trained weight delta (folded into B; the LoRA scale that diffusers
+# users set by hand). Interpolating toward the base is WiSE-FT's remedy for a fine-tune whose training images differ
+# from where it is used. At full strength the 300-step adapter overshoots. Validation products
+# (bench/subject_fidelity.py --validate), strength 0.3 / 0.5 / 0.6 / 0.75 / 1.0: +0.99 / +1.32 / +1.43 / +1.35 /
+# +0.90 dB; lr 8e-3 peaks at +0.94 (0.5), 600 steps at +1.31 (0.75), a cosine decay of the lr at +0.95 (0.5).
+DEFAULT_STRENGTH = 0.6
 STORAGE = ("int8", "fp16", "fp32")
 
 
@@ -122,6 +128,7 @@ class Subject:
         steps: int = DEFAULT_STEPS,
         batch_size: int = 8,
         lr: float = DEFAULT_LR,
+        strength: float = DEFAULT_STRENGTH,
         seed: int = 0,
         new_version: bool = False,
         detector="facebook/detr-resnet-50",
@@ -150,7 +157,9 @@ class Subject:
         composites (the rest are the photos themselves); `upright`: stand a tilted photo's product upright in the
         composites (`trainers.data.upright_angle`); `shadow_p`: the share of composites with a contact shadow under
         the product (painted inside the mask, as a placement must); `exposure`: the range of the brightness factor
-        on the composited product (product photos are usually lit brighter than the rooms they go into). Raises
+        on the composited product (product photos are usually lit brighter than the rooms they go into);
+        `strength`: the fraction of the trained weight delta that is exported (folded into the LoRA B factors;
+        DEFAULT_STRENGTH was chosen on the demo base's validation products). Raises
         InvalidName, InvalidArgument, InvalidImage (corrupt file, no product found), SubjectExists before any
         training or writing.
         """
@@ -175,6 +184,8 @@ class Subject:
             check_exposure(exposure)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 2.0:
+            raise InvalidArgument(f"strength must be in (0, 2], got {strength}")
         if energy is not None and not 0.0 < float(energy) <= 1.0:
             raise InvalidArgument(f"energy must be in (0, 1], got {energy}")
         for what, value in (("rank", rank), ("steps", steps), ("batch_size", batch_size)):
@@ -228,10 +239,11 @@ class Subject:
                    "annotation_score": min(float(n.score) for n in notes),
                    "annotations": [n.as_metadata() for n in notes],
                    "exemplar": crop,
-                   "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                   "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "strength": float(strength),
+                                "seed": seed,
                                 "dropout": dropout, "photos": len(photos), "base": base.name,
                                 "detector_error": annotator.detector_error}})
-        tensors = export.fold_scale(module.lora_state_dict(), rank, alpha_used)
+        tensors = export.fold_scale(module.lora_state_dict(), rank, alpha_used * float(strength))
         stored, meta = export.compress(tensors, meta, dtype=torch.float32 if storage == "fp32" else torch.float16,
                                        energy=energy, int8=storage == "int8")
         if registry.exists(name) and not new_version:  # a concurrent trainer got there first

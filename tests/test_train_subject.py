@@ -64,6 +64,18 @@ def test_train_registers_loads_and_places(studio, photos, tmp_path):
     assert Subject.load("blue-mug@1", studio).version == 1
 
 
+def test_strength_scales_the_exported_delta(studio, photos):
+    # the same run exported at two strengths: A factors equal, B factors (so the weight delta B @ A) in proportion
+    full = Subject.train(photos, "mug", studio, strength=1.0, storage="fp32", **FAST)
+    part = Subject.train(photos, "mug", studio, strength=0.25, storage="fp32", new_version=True, **FAST)
+    assert json.loads(part.metadata["training"])["strength"] == 0.25
+    b_keys = [k for k in full.tensors if k.endswith("lora_B.weight")]
+    assert b_keys and max(full.tensors[k].abs().max().item() for k in b_keys) > 0
+    for k, v in full.tensors.items():
+        expected = v * 0.25 if k in b_keys else v
+        torch.testing.assert_close(part.tensors[k], expected, rtol=1e-6, atol=1e-8)
+
+
 def test_adapter_for_another_base_is_refused(studio, photos, tmp_path):
     Subject.train(photos[:2], "mug", studio, **FAST)
     other = Studio(ExemplarInpainter.tiny(1), registry=studio.registry)
@@ -83,13 +95,14 @@ def corrupt_file(tmp_path):
 
 @pytest.mark.parametrize("case", ["zero photos", "corrupt file", "uniform image", "missing file", "bad name",
                                   "bad rank", "bad composite share", "bad shadow share", "empty cut-out",
-                                  "bad exposure"])
+                                  "bad exposure", "bad strength"])
 def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_path, case):
     name, images, kw = "mug", list(photos), {}
     expected = {"zero photos": InvalidArgument, "corrupt file": InvalidImage, "uniform image": InvalidImage,
                 "missing file": InvalidImage, "bad name": InvalidName, "bad rank": InvalidArgument,
                 "bad composite share": InvalidArgument, "bad shadow share": InvalidArgument,
-                "empty cut-out": InvalidImage, "bad exposure": InvalidArgument}[case]
+                "empty cut-out": InvalidImage, "bad exposure": InvalidArgument,
+                "bad strength": InvalidArgument}[case]
     if case == "zero photos":
         images = []
     elif case == "corrupt file":
@@ -106,6 +119,8 @@ def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_pat
         kw["shadow_p"] = -0.1
     elif case == "bad exposure":
         kw["exposure"] = (1.2, 0.8)
+    elif case == "bad strength":
+        kw["strength"] = 0.0
     elif case == "empty cut-out":
         images[2] = PIL.Image.new("RGBA", (32, 32), (200, 30, 30, 0))  # transparent everywhere
     else:
@@ -151,11 +166,11 @@ def test_cli_train(tmp_path, photos, capsys):
     assert main(argv) == 0
     assert main(argv) == 1  # the name is taken now
     assert "SubjectExists" in capsys.readouterr().err
-    assert main(argv + ["--new-version", "--lr", "3e-5"]) == 0
+    assert main(argv + ["--new-version", "--lr", "3e-5", "--strength", "0.8"]) == 0
     with Registry(store[1], store[3]) as registry:
         record = registry.get("lamp")
         assert record.version == 2
         training = record.metadata["training"]
         training = json.loads(training) if isinstance(training, str) else training
-        assert training["lr"] == 3e-5 and training["steps"] == 2
+        assert training["lr"] == 3e-5 and training["steps"] == 2 and training["strength"] == 0.8
     assert main(["train", "bad", str(tmp_path / "missing.png"), "--base", "tiny", "-q", *store]) == 1
