@@ -8,8 +8,9 @@
    pass (session.place_many); masked PSNR per region against the truth, over --rooms rooms (4 x 4 regions by
    default). Goal: |together - alone| <= 1 dB.
    Control: each subject alone with the union of the four masks (the single-subject path on the K=4 pass's
-   edited area). K=4 vs the control is what the regional cross-attention and LoRA change; alone vs the control
-   is what regenerating more of the room changes in the base's output. Seed floor: the alone placement again
+   edited area): alone vs the control is what regenerating more of the room changes in the base's output
+   (through the UNet's GroupNorm statistics, which the K=4 pass takes per region; `--no-regional-norm` takes
+   them over the whole map, and the K=4 pass then follows the control). Seed floor: the alone placement again
    with the next seed (how far one region's PSNR moves when only the noise changes).
 2. Cost: wall time of the K=4 pass / one single-subject pass on the same room, same run (median of --repeat).
    Goal <= 1.3.
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", choices=("random", "none"), default="random")
     ap.add_argument("--room", type=int, default=0, help="first room: 4 held-out scenes tiled (EVAL_SEEDS[4N:4N+4])")
     ap.add_argument("--rooms", type=int, default=4, help="how many rooms (--room, --room + 1, ...)")
+    ap.add_argument("--no-regional-norm", action="store_true",
+                    help="K=4 pass with the UNet's GroupNorm statistics over the whole map (as before regional norm)")
     ap.add_argument("--grid", default="docs/progressive_subjects.png", help="3-subject room grid ('' to skip)")
     ap.add_argument("--area-grid", default="docs/progressive_area.png",
                     help="the region with the largest K=4-vs-alone difference: alone, on all masks, K=4 ('' to skip)")
@@ -152,7 +155,8 @@ def main(argv=None) -> int:
         studio = Studio.load(args.base)
         size = studio.base.resolution
     steps = args.steps or (studio.default_steps if args.base is None or args.quick else 25)
-    opts = dict(seed=args.seed, steps=steps, resolution=2 * size, progress=False)
+    opts = dict(seed=args.seed, steps=steps, resolution=2 * size, progress=False,
+                regional_norm=not args.no_regional_norm)
 
     # region k's adapter is the same in every room; built before the first placement injects the slots
     adapters = [random_adapter(studio.base.unet, 100 + k) if args.adapters == "random" else None for k in range(4)]
@@ -251,7 +255,7 @@ def main(argv=None) -> int:
     vs_same = np.array([r["delta_vs_same_area_db"] for r in rows])
     result = {
         "bench": "progressive", "quick": args.quick, "base": studio.base.name, "steps": steps, "room": 2 * size,
-        "k": 4, "rooms": list(range(args.room, args.room + args.rooms)), "regions": rows,
+        "k": 4, "regional_norm": not args.no_regional_norm, "rooms": list(range(args.room, args.room + args.rooms)), "regions": rows,
         "mean_delta_db": round(float(deltas.mean()), 3), "mean_delta_sem_db": round(sem, 3),
         "mean_abs_delta_db": round(float(np.abs(deltas).mean()), 3), "max_abs_delta_db": round(float(np.abs(deltas).max()), 3),
         "regions_within_1db": int((np.abs(deltas) <= 1).sum()), "within_1db": bool(np.abs(deltas).max() <= 1.0),

@@ -3,7 +3,10 @@
 import torch
 
 from subjectpaint.base import ExemplarInpainter
-from subjectpaint.sessions.regions import RegionWeights, region_weights, regional_processors
+import torch.nn.functional as F
+
+from subjectpaint.sessions.regions import (RegionalGroupNorm, RegionWeights, region_weights, regional_group_norm,
+                                           regional_processors)
 from subjectpaint.slots import Slots
 
 from .test_progressive import random_adapter
@@ -72,3 +75,50 @@ def test_regional_cross_attention_with_one_region_everywhere_is_that_exemplar():
     unet.set_attn_processor(saved)
     assert (got - want).abs().max() < 1e-5
     assert (split - want).abs().max() > 1e-3
+
+
+def test_regional_group_norm_is_group_norm_per_region_blended():
+    # written plainly: region k's statistics over its own support and every position outside the other regions;
+    # each position normalised by each region's statistics, blended by the region weights
+    maps = torch.zeros(3, 16, 16)
+    maps[0, 2:6, 2:8], maps[1, 10:14, 2:8], maps[2, 4:12, 10:16] = 1.0, 1.0, 0.6
+    weights = RegionWeights(maps)
+    norm = torch.nn.GroupNorm(4, 8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
+    for side in (16, 8):
+        x = torch.randn(2, 8, side, side, generator=g) * 3 + 1
+        inside = F.max_pool2d(maps[None], 16 // side)[0] > 0  # (3, side, side)
+        w = weights.for_tokens(side * side).t().reshape(3, side, side)
+        want = torch.zeros_like(x)
+        for k in range(3):
+            others = torch.stack([inside[j] for j in range(3) if j != k]).any(0)
+            keep = inside[k] | ~others
+            xs = x.reshape(2, 4, 2, side, side)
+            sel = xs[..., keep]  # (2, 4, 2, n)
+            mean = sel.mean((2, 3))[:, :, None, None, None]
+            var = sel.var((2, 3), unbiased=False)[:, :, None, None, None]
+            normed = ((xs - mean) / torch.sqrt(var + norm.eps)).reshape(x.shape)
+            want += w[k] * (normed * norm.weight[None, :, None, None] + norm.bias[None, :, None, None])
+        got = regional_group_norm(norm, weights, x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert (got - norm(x)).abs().max() > 1e-2  # and it is not the plain GroupNorm
+
+
+def test_regional_group_norm_hook_with_one_region_is_the_unet_and_restores_it():
+    base = ExemplarInpainter.tiny(0)
+    unet = base.unet
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 16, 16, generator=g)
+    e = torch.randn(2, 1, 32, generator=g)
+    hook = RegionalGroupNorm(RegionWeights(torch.ones(1, 16, 16)))
+    with torch.no_grad():
+        want = unet(x, 500, encoder_hidden_states=e).sample
+        hook.begin(unet, None)
+        got = unet(x, 500, encoder_hidden_states=e).sample
+        hook.end(unet)
+        after = unet(x, 500, encoder_hidden_states=e).sample
+    norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and not any("forward" in m.__dict__ for m in norms)
+    assert (got - want).abs().max() < 1e-4 and torch.equal(after, want)

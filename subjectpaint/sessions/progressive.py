@@ -29,7 +29,8 @@ fitted (aspect kept, centred) into its mask's box, or a box the user gives.
 
 Several subjects (the appendix's nested lines 10/15): the combined map is the union (max of the edit maps,
 i.e. min of the paper's mu), one exemplar token and one adapter per region, applied per region in one pass
-(`regions.py`).
+(`regions.py`). With `regional_norm` (the default) the UNet's GroupNorm layers take their statistics per region as
+well, so each region is normalised about as it is when its subject is placed alone (`RegionalGroupNorm`).
 
 Paste-back: pixels whose edit map is 0 are the input's own, bit for bit (`PasteBack` on the map's support,
 not grown by default: `paste_back=PasteBack(dilate=..., feather=...)` grows it as Studio.inpaint does;
@@ -53,7 +54,7 @@ from ..images import ImageInput, load_exemplar, load_image, load_mask, pil_to_te
 from ..masks import PasteBack, mask_box
 from ..result import Placement, image_grid
 from ..sampler import AttentionProcessors, LatentStart
-from .regions import RegionWeights, regional_processors
+from .regions import RegionalGroupNorm, RegionWeights, regional_processors
 
 # ------------------------------------------------------------------------------------------- schedules
 
@@ -232,12 +233,13 @@ class ProgressiveSession:
         seed: int | None = None,
         paste_back: PasteBack | bool | str = True,
         resolution: int | None = None,
+        regional_norm: bool = True,
         progress: bool = True,
     ):
         self.studio = studio
         self.defaults = dict(schedule=schedule, strength=strength, steps=steps, guidance_scale=guidance_scale,
                              scheduler=scheduler, seed=seed, paste_back=paste_back, resolution=resolution,
-                             progress=progress)
+                             regional_norm=regional_norm, progress=progress)
         self._check_options(self.defaults)
         self.room: PIL.Image.Image | None = None  # the image the session started from
         self.history: list[Step] = []
@@ -352,6 +354,8 @@ class ProgressiveSession:
         else:
             weights = RegionWeights(downsample_map_area(maps_w, latent_size)).to(base.device, base.dtype)
             hooks.append(AttentionProcessors(regional_processors(base.unet, weights)))
+            if opts["regional_norm"]:
+                hooks.append(RegionalGroupNorm(weights))
             with self._regional_adapters(subjects, weights):
                 out = studio.sampler(image_w, support_w, embeddings, **call)
 
@@ -412,6 +416,8 @@ class ProgressiveSession:
             raise InvalidArgument(f"paste_back must be a bool, 'map' or a PasteBack; got {paste!r}")
         if not 0.0 < float(opts["strength"]) <= 1.0:
             raise InvalidArgument(f"strength must be in (0, 1]; got {opts['strength']}")
+        if not isinstance(opts["regional_norm"], bool):
+            raise InvalidArgument(f"regional_norm must be a bool; got {opts['regional_norm']!r}")
         if opts["steps"] is not None and int(opts["steps"]) < 1:
             raise InvalidArgument(f"steps must be >= 1; got {opts['steps']}")
         schedule = opts["schedule"]

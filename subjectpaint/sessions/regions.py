@@ -9,17 +9,26 @@ region weights. Self-attention projections get the per-token blend of the K LoRA
 Region weights: inside the regions, w_k = m_k / sum_j m_j (soft maps blend where they overlap); outside every
 region, a position belongs to the nearest region (so its neighbourhood is conditioned as if that subject were
 placed alone). They are computed at latent size and area-pooled to every UNet resolution; rows sum to 1.
+
+GroupNorm statistics are per region too (`RegionalGroupNorm`). The UNet's GroupNorm layers take mean and
+variance over the whole feature map, so regenerating four regions shifts every region's normalisation compared
+with regenerating one: on the demo base that alone moved a region's masked PSNR by 1.65 dB on average (up to 8 dB),
+and normalising with the statistics of the single placement took it to 0.46 dB, the seed noise. Region k's
+statistics are taken over the map without the other regions (what its single placement sees, less their
+content), and every position is normalised with the statistics of its regions, blended by the region weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgument
+from ..sampler import SamplerHook
 
 
 class RegionWeights:
@@ -35,11 +44,17 @@ class RegionWeights:
         self.k = maps.shape[0]
         base = region_weights(maps.float())  # (K, h, w)
         self.by_tokens: dict[int, torch.Tensor] = {}
+        # per grid, the tokens region k's GroupNorm statistics are taken over: its own support and every position
+        # outside the other regions (area-pooled maps, so a region never vanishes on a coarse grid)
+        self.stats_by_tokens: dict[int, torch.Tensor] = {}
         h, w = base.shape[-2:]
         for _ in range(levels):
             pooled = F.interpolate(base[None], size=(h, w), mode="area")[0] if (h, w) != base.shape[-2:] else base
             pooled = pooled / pooled.sum(0, keepdim=True)
             self.by_tokens.setdefault(h * w, pooled.reshape(self.k, -1).t().contiguous())  # (N, K)
+            inside = (F.interpolate(maps[None].float(), size=(h, w), mode="area")[0] > 0).reshape(self.k, -1).t()
+            in_others = inside.sum(1, keepdim=True) - inside.long() > 0
+            self.stats_by_tokens.setdefault(h * w, (inside | ~in_others).float())  # (N, K)
             if h == 1 and w == 1:
                 break
             h, w = math.ceil(h / 2), math.ceil(w / 2)  # diffusers' Downsample2D: stride-2 conv, padding 1
@@ -48,6 +63,7 @@ class RegionWeights:
 
     def to(self, device=None, dtype=None) -> "RegionWeights":
         self.by_tokens = {n: t.to(device=device, dtype=dtype) for n, t in self.by_tokens.items()}
+        self.stats_by_tokens = {n: t.to(device=device) for n, t in self.stats_by_tokens.items()}
         self.identity = self.identity.to(device=device, dtype=dtype)
         return self
 
@@ -128,3 +144,44 @@ def regional_processors(unet, weights: RegionWeights) -> dict:
     """The UNet's processors with every cross-attention (attn2) replaced by `RegionalCrossAttention`."""
     processor = RegionalCrossAttention(weights)
     return {name: (processor if name.endswith("attn2.processor") else proc) for name, proc in unet.attn_processors.items()}
+
+
+def regional_group_norm(norm: torch.nn.GroupNorm, weights: RegionWeights, x: torch.Tensor) -> torch.Tensor:
+    """`norm` applied to x (B, C, *spatial) with per-region statistics: region k's mean and variance per (sample,
+    group) over `weights.stats_by_tokens` (its support and everything outside the other regions); position p
+    normalised by sum_k w_k(p) (x - mean_k) / std_k. With one region covering the map this is `norm(x)`."""
+    b, c = x.shape[:2]
+    n = x[0, 0].numel()
+    w = weights.for_tokens(n).float()  # (N, K)
+    keep = weights.stats_by_tokens[n]  # (N, K)
+    xs = x.reshape(b, norm.num_groups, -1, n).float()
+    xs = xs - xs.mean((2, 3), keepdim=True)  # centred first: E[x^2] - E[x]^2 then loses no precision
+    count = keep.sum(0) * xs.shape[2]  # (K,)
+    mean = torch.einsum("bgcn,nk->bgk", xs, keep) / count
+    var = (torch.einsum("bgcn,nk->bgk", xs * xs, keep) / count - mean * mean).clamp_min(0)
+    inv = torch.rsqrt(var + norm.eps)  # (B, G, K)
+    scale = torch.einsum("nk,bgk->bgn", w, inv)[:, :, None]
+    shift = torch.einsum("nk,bgk->bgn", w, mean * inv)[:, :, None]
+    y = (xs * scale - shift).reshape(x.shape).to(x.dtype)
+    if norm.affine:
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        y = y * norm.weight.view(shape) + norm.bias.view(shape)
+    return y
+
+
+class RegionalGroupNorm(SamplerHook):
+    """Sampler hook: every GroupNorm of the UNet normalises with per-region statistics for the call."""
+
+    def __init__(self, weights: RegionWeights):
+        self.weights, self._patched = weights, []
+
+    def begin(self, unet, timesteps) -> None:
+        for module in unet.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.forward = functools.partial(regional_group_norm, module, self.weights)
+                self._patched.append(module)
+
+    def end(self, unet) -> None:
+        for module in self._patched:
+            del module.forward  # back to the class's forward
+        self._patched = []
