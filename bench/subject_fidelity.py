@@ -185,10 +185,11 @@ def main(argv=None):
     if args.quick:
         args.products, args.scenes, args.steps, args.sample_steps = 2, 4, args.steps or 40, 10
         args.grid = ""
-    from subjectpaint.subject import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_STRENGTH
+    from subjectpaint.subject import DEFAULT_EXPOSURE, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_STRENGTH
 
     steps, lr = args.steps or DEFAULT_STEPS, args.lr or DEFAULT_LR
     args.strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+    args.exposure = tuple(args.exposure) if args.exposure else DEFAULT_EXPOSURE
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.base == "tiny":
@@ -217,8 +218,8 @@ def main(argv=None):
                                         lr=lr, strength=args.strength, dropout=args.dropout, seed=args.seed,
                                         targets=tuple(args.targets),
                                         storage="fp32", detector=None, composite_p=args.composite_p,
-                                        shadow_p=args.shadow_p, upright=not args.no_upright,
-                                        **({"exposure": tuple(args.exposure)} if args.exposure else {}), progress=False)
+                                        shadow_p=args.shadow_p, upright=not args.no_upright, exposure=args.exposure,
+                                        progress=False)
             train_s = time.time() - t0
             pictures = ([], []) if index == 0 and args.grid else (None, None)
             base_psnr = place(studio, scenes, args.sample_steps, args.seed, images=pictures[0])
@@ -254,7 +255,7 @@ def main(argv=None):
     summary = {
         "bench": "subject_fidelity", "quick": args.quick, "validate": args.validate, "base": base.name,
         "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "cutouts": args.cutouts,
-        "exposure": list(args.exposure or __import__("inspect").signature(Subject.train).parameters["exposure"].default),
+        "exposure": list(args.exposure),
         "oracle_scenes": args.oracle,
         "train_steps": steps, "lr": lr, "strength": args.strength,
         "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p,

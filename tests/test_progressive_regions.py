@@ -1,10 +1,9 @@
 """Several subjects in one pass: region weights, regional LoRA slots, regional cross-attention."""
 
 import torch
-
-from subjectpaint.base import ExemplarInpainter
 import torch.nn.functional as F
 
+from subjectpaint.base import ExemplarInpainter
 from subjectpaint.sessions.regions import (RegionalGroupNorm, RegionWeights, region_weights, regional_group_norm,
                                            regional_processors)
 from subjectpaint.slots import Slots

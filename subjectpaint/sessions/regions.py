@@ -44,33 +44,32 @@ class RegionWeights:
         self.k = maps.shape[0]
         base = region_weights(maps.float())  # (K, h, w)
         self.by_tokens: dict[int, torch.Tensor] = {}
-        # per grid, the tokens region k's GroupNorm statistics are taken over: its own support and every position
-        # outside the other regions (area-pooled maps, so a region never vanishes on a coarse grid)
-        self.stats_by_tokens: dict[int, torch.Tensor] = {}
+        # for `regional_group_norm`, per grid (fp32 whatever the model's dtype): `stats_average` (N, K), column k
+        # averaging over the tokens region k's statistics are taken over (its own support and every position
+        # outside the other regions; area-pooled maps, so a region never vanishes on a coarse grid), and `blend_t`
+        # (K, N), the weights transposed
+        self.stats_average: dict[int, torch.Tensor] = {}
+        self.blend_t: dict[int, torch.Tensor] = {}
         h, w = base.shape[-2:]
         for _ in range(levels):
             pooled = F.interpolate(base[None], size=(h, w), mode="area")[0] if (h, w) != base.shape[-2:] else base
             pooled = pooled / pooled.sum(0, keepdim=True)
             self.by_tokens.setdefault(h * w, pooled.reshape(self.k, -1).t().contiguous())  # (N, K)
+            self.blend_t.setdefault(h * w, pooled.reshape(self.k, -1).contiguous())
             inside = (F.interpolate(maps[None].float(), size=(h, w), mode="area")[0] > 0).reshape(self.k, -1).t()
             in_others = inside.sum(1, keepdim=True) - inside.long() > 0
-            self.stats_by_tokens.setdefault(h * w, (inside | ~in_others).float())  # (N, K)
+            keep = (inside | ~in_others).float()
+            self.stats_average.setdefault(h * w, keep / keep.sum(0, keepdim=True))
             if h == 1 and w == 1:
                 break
             h, w = math.ceil(h / 2), math.ceil(w / 2)  # diffusers' Downsample2D: stride-2 conv, padding 1
-        self._derived()
         self.identity = torch.eye(self.k)
         self._conditioning = False
 
-    def _derived(self) -> None:
-        """What `regional_group_norm` multiplies by: per-region averaging columns and the transposed weights."""
-        self.stats_average = {n: t / t.sum(0, keepdim=True) for n, t in self.stats_by_tokens.items()}
-        self.blend_t = {n: t.float().t().contiguous() for n, t in self.by_tokens.items()}
-
     def to(self, device=None, dtype=None) -> "RegionWeights":
         self.by_tokens = {n: t.to(device=device, dtype=dtype) for n, t in self.by_tokens.items()}
-        self.stats_by_tokens = {n: t.to(device=device) for n, t in self.stats_by_tokens.items()}
-        self._derived()
+        self.stats_average = {n: t.to(device=device) for n, t in self.stats_average.items()}
+        self.blend_t = {n: t.to(device=device) for n, t in self.blend_t.items()}
         self.identity = self.identity.to(device=device, dtype=dtype)
         return self
 
@@ -155,7 +154,7 @@ def regional_processors(unet, weights: RegionWeights) -> dict:
 
 def regional_group_norm(norm: torch.nn.GroupNorm, weights: RegionWeights, x: torch.Tensor) -> torch.Tensor:
     """`norm` applied to x (B, C, *spatial) with per-region statistics: region k's mean and variance per (sample,
-    group) over `weights.stats_by_tokens` (its support and everything outside the other regions); position p
+    group) over the tokens `weights.stats_average` averages (its support and everything outside the other regions); position p
     normalised by sum_k w_k(p) (x - mean_k) / std_k. With one region covering the map this is `norm(x)`.
 
     It runs for every GroupNorm of every UNet call, and on a CPU each op over the feature map costs about as much
