@@ -173,6 +173,8 @@ def main(argv=None):
     ap.add_argument("--oracle", type=int, default=0, help="diagnostic: train on N true scenes instead of photos")
     ap.add_argument("--photos", type=int, default=3, help="retailer photos per product (the issue's setting: 3)")
     ap.add_argument("--shadow-p", type=float, default=0.7, help="share of composites with a contact shadow")
+    ap.add_argument("--placement-p", type=float, default=None,
+                    help="share of training masks that are the placement box (default: Subject.train's)")
     ap.add_argument("--no-upright", action="store_true", help="composite the product as photographed (tilted)")
     ap.add_argument("--grid", default="docs/subject_fidelity.png",
                     help="before/after grid of the first product ('' to skip; not written with --quick)")
@@ -185,11 +187,12 @@ def main(argv=None):
     if args.quick:
         args.products, args.scenes, args.steps, args.sample_steps = 2, 4, args.steps or 40, 10
         args.grid = ""
-    from subjectpaint.subject import DEFAULT_EXPOSURE, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_STRENGTH
+    from subjectpaint.subject import DEFAULT_EXPOSURE, DEFAULT_LR, DEFAULT_PLACEMENT_P, DEFAULT_STEPS, DEFAULT_STRENGTH
 
     steps, lr = args.steps or DEFAULT_STEPS, args.lr or DEFAULT_LR
     args.strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     args.exposure = tuple(args.exposure) if args.exposure else DEFAULT_EXPOSURE
+    args.placement_p = DEFAULT_PLACEMENT_P if args.placement_p is None else args.placement_p
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.base == "tiny":
@@ -218,6 +221,7 @@ def main(argv=None):
                                         lr=lr, strength=args.strength, dropout=args.dropout, seed=args.seed,
                                         targets=tuple(args.targets),
                                         storage="fp32", detector=None, composite_p=args.composite_p,
+                                        placement_p=args.placement_p,
                                         shadow_p=args.shadow_p, upright=not args.no_upright, exposure=args.exposure,
                                         progress=False)
             train_s = time.time() - t0
@@ -259,6 +263,7 @@ def main(argv=None):
         "oracle_scenes": args.oracle,
         "train_steps": steps, "lr": lr, "strength": args.strength,
         "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p,
+        "placement_p": args.placement_p,
         "shadow_p": args.shadow_p, "upright": not args.no_upright, "batch": args.batch, "sample_steps": args.sample_steps,
         "psnr_base": round(mean["base"], 3),
         **{f"psnr_{n}": round(mean[n], 3) for n in names},

@@ -153,3 +153,35 @@ def test_exposure_scales_the_composited_product():
     assert means[0] == pytest.approx(means[1] / 2, rel=0.02)
     with pytest.raises(ValueError):
         SubjectData([cut], black, size=64, exposure=(0.0, 1.0))
+
+
+def test_placement_box_grows_the_box_by_the_margin_and_the_shadow_room():
+    from subjectpaint.masks import placement_box
+
+    assert placement_box((64, 64), (20, 10, 40, 50)) == (17, 7, 43, 56)  # 3 px margin; shadow ceil(0.7 * 4) = 3
+    assert placement_box((128, 128), (20, 10, 40, 20)) == (15, 5, 45, 27)  # 5 px margin; shadow ceil(0.7 * 1.5) = 2
+    assert placement_box((64, 64), (0, 30, 64, 62)) == (0, 27, 64, 64)  # clipped to the image
+    assert placement_box((64, 64), (20, 10, 40, 50), margin=0.0)[0] == 19  # never less than 1 px
+
+
+def test_placement_masks_are_the_products_placement_box_and_cover_its_shadow():
+    import PIL.Image
+
+    from subjectpaint.masks import box_mask, mask_box, placement_box
+
+    photos = [p.image for p in product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[2]), 2)]
+    cutouts = [prepare(p, foreground_box(p), 64) for p in photos]
+    grey = [PIL.Image.new("RGB", (64, 64), (150, 150, 150))]
+    ds = SubjectData(cutouts, grey, size=64, composite_p=1.0, upright=True, shadow_p=1.0, placement_p=1.0)
+    for i in range(8):
+        rng = np.random.default_rng([7, i])
+        image, box, extent = ds.composite(cutouts[0], rng)
+        mask = ds.mask(box, rng, extent)
+        assert torch.equal(mask, box_mask((64, 64), placement_box((64, 64), box)))
+        dark = (np.asarray(image, dtype=np.float32) < 150 - 2).any(-1)  # product and shadow
+        assert dark.any() and (mask.numpy() > 0.5)[dark].all()  # all of it is to be painted
+    # the paper's augmented masks otherwise: random margins, some of them Bezier outlines
+    ds.placement_p = 0.0
+    masks = [ds.mask((20, 20, 40, 50), np.random.default_rng([8, i]), None) for i in range(12)]
+    assert len({tuple(m.flatten().tolist()) for m in masks}) > 6
+    assert any(not torch.equal(m, box_mask((64, 64), mask_box(m))) for m in masks)  # not a rectangle

@@ -69,6 +69,7 @@ def test_strength_scales_the_exported_delta(studio, photos):
     full = Subject.train(photos, "mug", studio, strength=1.0, storage="fp32", **FAST)
     part = Subject.train(photos, "mug", studio, strength=0.25, storage="fp32", new_version=True, **FAST)
     assert json.loads(part.metadata["training"])["strength"] == 0.25
+    assert json.loads(part.metadata["training"])["placement_p"] == 1.0
     b_keys = [k for k in full.tensors if k.endswith("lora_B.weight")]
     assert b_keys and max(full.tensors[k].abs().max().item() for k in b_keys) > 0
     for k, v in full.tensors.items():
@@ -95,14 +96,14 @@ def corrupt_file(tmp_path):
 
 @pytest.mark.parametrize("case", ["zero photos", "corrupt file", "uniform image", "missing file", "bad name",
                                   "bad rank", "bad composite share", "bad shadow share", "empty cut-out",
-                                  "bad exposure", "bad strength"])
+                                  "bad exposure", "bad strength", "bad placement share"])
 def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_path, case):
     name, images, kw = "mug", list(photos), {}
     expected = {"zero photos": InvalidArgument, "corrupt file": InvalidImage, "uniform image": InvalidImage,
                 "missing file": InvalidImage, "bad name": InvalidName, "bad rank": InvalidArgument,
                 "bad composite share": InvalidArgument, "bad shadow share": InvalidArgument,
                 "empty cut-out": InvalidImage, "bad exposure": InvalidArgument,
-                "bad strength": InvalidArgument}[case]
+                "bad strength": InvalidArgument, "bad placement share": InvalidArgument}[case]
     if case == "zero photos":
         images = []
     elif case == "corrupt file":
@@ -121,6 +122,8 @@ def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_pat
         kw["exposure"] = (1.2, 0.8)
     elif case == "bad strength":
         kw["strength"] = 0.0
+    elif case == "bad placement share":
+        kw["placement_p"] = 2.0
     elif case == "empty cut-out":
         images[2] = PIL.Image.new("RGBA", (32, 32), (200, 30, 30, 0))  # transparent everywhere
     else:

@@ -6,10 +6,12 @@ Every sample is (target, mask, reference):
   (any list of images; `Subject.train` passes demo rooms), at a random scale, position and brightness; optionally
   stood upright (the photo's tilt undone, `upright_angle`) and with a soft contact shadow under it, since a
   placement stands the product on a floor or table;
-- mask: the product's box grown by a random margin, as a box mask or the paper's Bezier mask (never cutting
-  into the product);
+- mask: with probability `placement_p`, the placement box a user draws for the product (`subjectpaint.masks.
+  placement_box`: the product's box, a small margin, room below for its shadow); otherwise the paper's augmented
+  mask: the box grown by a random margin, as a box mask or the paper's Bezier mask (never cutting into the product);
 - reference: a square crop around the product in one of the photos, augmented with torchvision v2 (horizontal
-  flip 0.5, rotation up to 20 degrees, blur 0.3, elastic 0.3) and normalised for the image encoder.
+  flip 0.5, rotation up to 20 degrees, blur 0.3, elastic 0.3, as the paper; and brightness/contrast jitter, since
+  the exemplar a placement gets is another photo, lit differently) and normalised for the image encoder.
 
 Sample `i` is a pure function of `(seed, i)`; `StepSampler` hands step `s` on rank `r` its own ids, starting at
 the Trainer's restored step, so data order and augmentation are the same in an interrupted-and-resumed run.
@@ -27,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from subjectpaint.masks import bezier_mask, box_mask
+from subjectpaint.masks import bezier_mask, box_mask, placement_box
 
 from .annotate import Annotation, decontaminate
 
@@ -157,19 +159,20 @@ class SubjectData(Dataset):
         v2.RandomRotation(20, fill=1.0),
         v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.3),
         v2.RandomApply([v2.ElasticTransform(alpha=20.0, sigma=5.0, fill=1.0)], p=0.3),
+        v2.ColorJitter(brightness=0.2, contrast=0.1),
     ])
 
     def __init__(self, cutouts: list[Cutout], backgrounds: list[PIL.Image.Image] | None = None, *,
                  size: int, reference_size: int | None = None, seed: int = 0, composite_p: float = 0.6,
-                 bezier_p: float = 0.5, upright: bool = False, shadow_p: float = 0.0, exposure=(0.85, 1.15),
-                 mean=CLIP_MEAN, std=CLIP_STD, length: int = 1 << 30):
+                 bezier_p: float = 0.5, placement_p: float = 0.0, upright: bool = False, shadow_p: float = 0.0,
+                 exposure=(0.85, 1.15), mean=CLIP_MEAN, std=CLIP_STD, length: int = 1 << 30):
         if not cutouts:
             raise ValueError("SubjectData needs at least one photo")
         self.cutouts, self.size, self.seed, self.length = cutouts, size, seed, length
         self.backgrounds = [b.convert("RGB").resize((size, size), PIL.Image.BICUBIC) for b in backgrounds or []]
         self.composite_p = composite_p if self.backgrounds else 0.0
         self.reference_size = reference_size or size
-        self.bezier_p, self.mean, self.std = bezier_p, tuple(mean), tuple(std)
+        self.bezier_p, self.placement_p, self.mean, self.std = bezier_p, float(placement_p), tuple(mean), tuple(std)
         self.upright, self.shadow_p = bool(upright), float(shadow_p)
         self.exposure = check_exposure(exposure)
 
@@ -201,7 +204,8 @@ class SubjectData(Dataset):
         room = room.copy()
         extent = (x, y, x + nw, bottom)
         if self.shadow_p and rng.random() < self.shadow_p:  # a soft ellipse centred on the base line
-            ry, rx = max(1.5, 0.1 * nh), 0.6 * nw
+            # as wide as the demo scenes' shadow: 0.6 of the product's width, but inside its placement box
+            ry, rx = max(1.5, 0.1 * nh), min(0.6 * nw, 0.5 * nw + max(1, round(0.04 * S)) - 0.5)
             yy = np.arange(S, dtype=np.float32)[:, None] + 0.5
             xx = np.arange(S, dtype=np.float32)[None, :] + 0.5
             q = 1 - ((xx - (x + nw / 2)) / rx) ** 2 - ((yy - bottom + 0.3 * ry) / ry) ** 2
@@ -215,9 +219,13 @@ class SubjectData(Dataset):
         return image, (x, y, x + nw, y + nh), extent
 
     def mask(self, box, rng: np.random.Generator, extent=None) -> torch.Tensor:
-        """The box grown by a random margin (covering `extent` too: the product's shadow), as a box mask or the
-        paper's Bezier mask that never cuts into the product."""
+        """With probability `placement_p` the product's placement box (`placement_box`: a small margin and room
+        for its shadow; what a user draws to place the product, and what the demo scenes use). Otherwise the box
+        grown by a random margin (covering `extent` too: the product's shadow), as a box mask or the paper's Bezier
+        mask that never cuts into the product."""
         S = self.size
+        if self.placement_p and rng.random() < self.placement_p:
+            return box_mask((S, S), placement_box((S, S), box))
         x0, y0, x1, y1 = box if extent is None else (min(box[0], extent[0]), min(box[1], extent[1]),
                                                       max(box[2], extent[2]), max(box[3], extent[3]))
         m = [int(rng.integers(0, max(1, round(0.08 * S)) + 1)) for _ in range(4)]
@@ -280,15 +288,15 @@ class SubjectDataModule(L.LightningDataModule):
     def __init__(self, photos: list[PIL.Image.Image], annotations: list[Annotation], *, size: int,
                  reference_size: int | None = None, backgrounds: list[PIL.Image.Image] | None = None,
                  batch_size: int = 8, seed: int = 0, composite_p: float = 0.6, bezier_p: float = 0.5,
-                 upright: bool = False, shadow_p: float = 0.0, exposure=(0.85, 1.15), mean=CLIP_MEAN, std=CLIP_STD,
-                 num_workers: int = 0):
+                 placement_p: float = 0.0, upright: bool = False, shadow_p: float = 0.0, exposure=(0.85, 1.15),
+                 mean=CLIP_MEAN, std=CLIP_STD, num_workers: int = 0):
         super().__init__()
         if len(photos) != len(annotations) or not photos:
             raise ValueError("need one annotation per photo and at least one photo")
         self.cutouts = [prepare(p, a, size) for p, a in zip(photos, annotations)]
         self.dataset = SubjectData(self.cutouts, backgrounds, size=size, reference_size=reference_size, seed=seed,
-                                   composite_p=composite_p, bezier_p=bezier_p, upright=upright, shadow_p=shadow_p,
-                                   exposure=exposure, mean=mean, std=std)
+                                   composite_p=composite_p, bezier_p=bezier_p, placement_p=placement_p,
+                                   upright=upright, shadow_p=shadow_p, exposure=exposure, mean=mean, std=std)
         self.batch_size, self.num_workers = batch_size, num_workers
 
     @classmethod

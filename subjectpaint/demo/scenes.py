@@ -27,6 +27,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 from ..errors import InvalidArgument
+from ..masks import placement_box
 
 __all__ = [
     "SHAPES", "PATTERNS", "TRAIN_SEEDS", "EVAL_SEEDS", "TRAIN_PRODUCT_SEEDS", "HELDOUT_PRODUCT_SEEDS",
@@ -617,8 +618,7 @@ def make_scene(seed: int, size: int = 64, product: Product | None = None) -> Sce
     box = (x, y, x + w, y + h)
     # the inpainting mask: the box, a margin, and room below for the contact shadow
     ry = max(1.5, 0.1 * h)
-    mx0, my0 = max(x - margin, 0), max(y - margin, 0)
-    mx1, my1 = min(x + w + margin, size), min(base + margin + int(math.ceil(0.7 * ry)), size)
+    mx0, my0, mx1, my1 = placement_box((size, size), box)
     mask = np.zeros((size, size), np.uint8)
     mask[my0:my1, mx0:mx1] = 255
     # soft contact shadow, compact support, clipped to the mask
