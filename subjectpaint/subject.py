@@ -37,6 +37,8 @@ DEFAULT_LR = 4e-3
 # from where it is used. At full strength the 300-step adapter overshoots. Validation products
 # (bench/subject_fidelity.py --validate), strength 0.3 / 0.5 / 0.6 / 0.75 / 1.0: +0.99 / +1.32 / +1.43 / +1.35 /
 # +0.90 dB; lr 8e-3 peaks at +0.94 (0.5), 600 steps at +1.31 (0.75), a cosine decay of the lr at +0.95 (0.5).
+# With placement masks and reference jitter (below), 0.5 / 0.6 / 0.7: +1.71 / +1.77 / +1.70 (lr 2e-3: +1.65 at 0.6,
+# +1.20 at 1.0; an EMA of the factors, decay 0.99: +1.74 at 0.6, +1.16 at 1.0: not noise, so not averaged away).
 DEFAULT_STRENGTH = 0.6
 # The brightness factor range on the composited product (product photos are lit brighter than rooms): chosen on the
 # validation products' masked denoising loss (0.2096 with this range, 0.2165 with (0.85, 1.15), 0.2122 with
