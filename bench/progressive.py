@@ -255,7 +255,8 @@ def main(argv=None) -> int:
     vs_same = np.array([r["delta_vs_same_area_db"] for r in rows])
     result = {
         "bench": "progressive", "quick": args.quick, "base": studio.base.name, "steps": steps, "room": 2 * size,
-        "k": 4, "regional_norm": not args.no_regional_norm, "rooms": list(range(args.room, args.room + args.rooms)), "regions": rows,
+        "k": 4, "regional_norm": not args.no_regional_norm, "rooms": list(range(args.room, args.room + args.rooms)),
+        "regions": rows,
         "mean_delta_db": round(float(deltas.mean()), 3), "mean_delta_sem_db": round(sem, 3),
         "mean_abs_delta_db": round(float(np.abs(deltas).mean()), 3), "max_abs_delta_db": round(float(np.abs(deltas).max()), 3),
         "regions_within_1db": int((np.abs(deltas) <= 1).sum()), "within_1db": bool(np.abs(deltas).max() <= 1.0),

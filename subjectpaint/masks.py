@@ -79,14 +79,20 @@ def box_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> torch.Ten
     return m
 
 
-def placement_box(size: tuple[int, int], box: tuple[int, int, int, int], margin: float = 0.04) -> tuple[int, int, int, int]:
+def placement_margin(height: int, margin: float = 0.04) -> int:
+    """The pixels a placement box leaves around the product: `margin` of the image height, at least 1."""
+    return max(1, round(margin * height))
+
+
+def placement_box(size: tuple[int, int], box: tuple[int, int, int, int],
+                  margin: float = 0.04) -> tuple[int, int, int, int]:
     """The mask box for placing a product at `box` (x0, y0, x1, y1; x1/y1 exclusive) in an image of `size` =
-    (width, height): the box grown by `margin` of the image height on every side (at least 1 px), and further down
-    by the room its contact shadow needs (0.7 of max(1.5, 0.1 * box height)), clipped to the image. This is the
-    demo scenes' mask convention, and what `Subject.train`'s placement masks teach the adapter to fill."""
+    (width, height): the box grown by `placement_margin` on every side, and further down by the room its contact
+    shadow needs (0.7 of max(1.5, 0.1 * box height)), clipped to the image. This is the demo scenes' mask
+    convention, and what `Subject.train`'s placement masks teach the adapter to fill."""
     width, height = size
     x0, y0, x1, y1 = (int(v) for v in box)
-    m = max(1, round(margin * height))
+    m = placement_margin(height, margin)
     shadow = math.ceil(0.7 * max(1.5, 0.1 * (y1 - y0)))
     return max(x0 - m, 0), max(y0 - m, 0), min(x1 + m, width), min(y1 + m + shadow, height)
 

@@ -170,8 +170,8 @@ class Subject:
         product's placement box (`subjectpaint.masks.placement_box`; the rest are the paper's augmented masks);
         `upright`: stand a tilted photo's product upright in the composites (`trainers.data.upright_angle`);
         `shadow_p`: the share of composites with a contact shadow under the product (painted inside the mask, as a
-        placement must); `exposure`: the range of the brightness factor
-        on the composited product (product photos are usually lit brighter than the rooms they go into);
+        placement must); `exposure`: the range of the brightness factor on the composited product (product photos
+        are usually lit brighter than the rooms they go into);
         `strength`: the fraction of the trained weight delta that is exported (folded into the LoRA B factors;
         DEFAULT_STRENGTH was chosen on the demo base's validation products). Raises
         InvalidName, InvalidArgument, InvalidImage (corrupt file, no product found), SubjectExists before any

@@ -27,7 +27,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 from ..errors import InvalidArgument
-from ..masks import placement_box
+from ..masks import placement_box, placement_margin
 
 __all__ = [
     "SHAPES", "PATTERNS", "TRAIN_SEEDS", "EVAL_SEEDS", "TRAIN_PRODUCT_SEEDS", "HELDOUT_PRODUCT_SEEDS",
@@ -608,7 +608,7 @@ def make_scene(seed: int, size: int = 64, product: Product | None = None) -> Sce
     rgba, _ = _raster(product, scale, rotation, float(r.uniform(0.8, 1.1) * bright), light_side)
     bx0, by0, bx1, by1 = _alpha_box(rgba[..., 3])
     w, h = bx1 - bx0, by1 - by0
-    margin = max(1, round(0.04 * size))
+    margin = placement_margin(size)
     lo_base = max(int(hz * size) + round(0.1 * size), h + margin)
     base = int(r.integers(lo_base, size - 2 * margin)) if lo_base < size - 2 * margin else size - 2 * margin
     x = int(r.integers(margin, size - w - margin + 1))

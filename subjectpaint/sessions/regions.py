@@ -154,8 +154,9 @@ def regional_processors(unet, weights: RegionWeights) -> dict:
 
 def regional_group_norm(norm: torch.nn.GroupNorm, weights: RegionWeights, x: torch.Tensor) -> torch.Tensor:
     """`norm` applied to x (B, C, *spatial) with per-region statistics: region k's mean and variance per (sample,
-    group) over the tokens `weights.stats_average` averages (its support and everything outside the other regions); position p
-    normalised by sum_k w_k(p) (x - mean_k) / std_k. With one region covering the map this is `norm(x)`.
+    group) over the tokens `weights.stats_average` averages (its support and everything outside the other
+    regions); position p normalised by sum_k w_k(p) (x - mean_k) / std_k. With one region covering the map this is
+    `norm(x)`.
 
     It runs for every GroupNorm of every UNet call, and on a CPU each op over the feature map costs about as much
     as the native GroupNorm, so it uses six: two matmuls for the region moments, a square, one matmul for the
