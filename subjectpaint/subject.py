@@ -173,7 +173,9 @@ class Subject:
         placement must); `exposure`: the range of the brightness factor on the composited product (product photos
         are usually lit brighter than the rooms they go into);
         `strength`: the fraction of the trained weight delta that is exported (folded into the LoRA B factors;
-        DEFAULT_STRENGTH was chosen on the demo base's validation products). Raises
+        DEFAULT_STRENGTH was chosen on the demo base's validation products). Training runs where the base lives
+        (its CUDA device, MPS or the CPU; `trainer_kwargs` go to Lightning's Trainer and override that), and the base
+        is left on its device afterwards. The training recipe is recorded in the adapter's metadata. Raises
         InvalidName, InvalidArgument, InvalidImage (corrupt file, no product found), SubjectExists before any
         training or writing.
         """
@@ -181,7 +183,7 @@ class Subject:
         from trainers.annotate import Annotator, NoProductFound, from_alpha
         from trainers import export
         from trainers.data import SubjectDataModule, check_exposure
-        from trainers.lora_module import SubjectLoRAModule, fit
+        from trainers.lora_module import SubjectLoRAModule, accelerator_for, fit
 
         # 1. Check inputs: nothing is trained or written on bad input
         validate_name(name)
@@ -236,9 +238,11 @@ class Subject:
                                           upright=upright, shadow_p=shadow_p,
                                           exposure=exposure)
         module = SubjectLoRAModule(base, rank=rank, alpha=alpha, dropout=dropout, targets=targets, lr=lr, seed=seed)
+        accelerator, devices = accelerator_for(base.device)  # train where the base lives (trainer_kwargs override)
+        trainer_kwargs = {"accelerator": accelerator, "devices": devices, **dict(trainer_kwargs or {})}
         with tempfile.TemporaryDirectory(prefix="subjectpaint-train-") as tmp:
             trainer = fit(module, data, steps, workdir if workdir is not None else tmp, progress=progress,
-                          **dict(trainer_kwargs or {}))
+                          **trainer_kwargs)
             loss = trainer.callback_metrics.get("loss")
 
         # 4. Export: interchange tensors + metadata, then register
@@ -255,7 +259,10 @@ class Subject:
                    "annotations": [n.as_metadata() for n in notes],
                    "exemplar": crop,
                    "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "strength": float(strength),
-                                "seed": seed, "placement_p": float(placement_p),
+                                "seed": seed, "placement_p": float(placement_p), "composite_p": float(composite_p),
+                                "shadow_p": float(shadow_p), "upright": bool(upright),
+                                "exposure": [float(v) for v in check_exposure(exposure)], "backgrounds": len(backgrounds),
+                                "accelerator": str(trainer_kwargs.get("accelerator")),
                                 "dropout": dropout, "photos": len(photos), "base": base.name,
                                 "detector_error": annotator.detector_error}})
         tensors = export.fold_scale(module.lora_state_dict(), rank, alpha_used * float(strength))

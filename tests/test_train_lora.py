@@ -102,3 +102,32 @@ def test_the_loss_target_follows_the_bases_prediction_type(setup, kind):
         SubjectLoRAModule(ExemplarInpainter(base.vae, base.unet, base.image_encoder,
                                             PNDMScheduler.from_config(base.scheduler.config, prediction_type="x"),
                                             base.feature_extractor), **KW)
+
+
+class Teardown(L.Callback):
+    """What Lightning's strategy teardown does on a GPU run (the module to the CPU), in a form a CPU run can show:
+    the module, and with it the base's VAE and image encoder it shares, cast to float64 after the last step."""
+
+    def on_train_end(self, trainer, pl_module):
+        pl_module.to(torch.float64)
+
+
+def test_training_leaves_the_shared_base_where_it_was(setup):
+    # the module shares the base's frozen VAE and image encoder; whatever the strategy does to the module,
+    # the base must still be usable (same device and dtype) after fit
+    base, data = setup
+    module = SubjectLoRAModule(base, **KW)
+    assert module.vae is base.vae and module.image_encoder is base.image_encoder
+    fit(module, data(), 2, progress=False, callbacks=[Teardown()])
+    assert next(module.unet.parameters()).dtype == torch.float64  # the callback did act on the module
+    for part in (base.vae, base.image_encoder, base.unet):
+        assert {p.dtype for p in part.parameters()} == {torch.float32}
+        assert {p.device.type for p in part.parameters()} == {"cpu"}
+
+
+def test_accelerator_follows_the_bases_device():
+    from trainers.lora_module import accelerator_for
+
+    assert accelerator_for("cpu") == ("cpu", 1)
+    assert accelerator_for(torch.device("cuda:1")) == ("gpu", [1])
+    assert accelerator_for("mps") == ("mps", 1)

@@ -15,7 +15,7 @@ from subjectpaint.cli import main
 from subjectpaint.demo.scenes import EVAL_SEEDS, HELDOUT_PRODUCT_SEEDS, Product, make_scene, product_photos
 from subjectpaint.errors import (BaseMismatch, InvalidArgument, InvalidImage, InvalidName, SubjectPaintError,
                                  VersionExists)
-from subjectpaint.subject import SubjectExists
+from subjectpaint.subject import DEFAULT_EXPOSURE, SubjectExists
 
 FAST = dict(steps=3, batch_size=2, detector=None, progress=False)
 
@@ -69,7 +69,12 @@ def test_strength_scales_the_exported_delta(studio, photos):
     full = Subject.train(photos, "mug", studio, strength=1.0, storage="fp32", **FAST)
     part = Subject.train(photos, "mug", studio, strength=0.25, storage="fp32", new_version=True, **FAST)
     assert json.loads(part.metadata["training"])["strength"] == 0.25
-    assert json.loads(part.metadata["training"])["placement_p"] == 1.0
+    training = json.loads(part.metadata["training"])
+    assert training["placement_p"] == 1.0
+    # the whole data recipe is recorded, so the adapter can be reproduced from its file
+    assert training["composite_p"] == 1.0 and training["upright"] is True
+    assert training["exposure"] == list(DEFAULT_EXPOSURE) and training["accelerator"] == "cpu"
+    assert training["shadow_p"] == 0.7 and training["backgrounds"] == 32
     b_keys = [k for k in full.tensors if k.endswith("lora_B.weight")]
     assert b_keys and max(full.tensors[k].abs().max().item() for k in b_keys) > 0
     for k, v in full.tensors.items():

@@ -119,8 +119,18 @@ class SubjectLoRAModule(L.LightningModule):
 # ------------------------------------------------------------------------------------------ trainer
 
 
+def accelerator_for(device: str | torch.device) -> tuple[str, int | list[int]]:
+    """Lightning's (accelerator, devices) for training where a base lives: "cuda:1" -> ("gpu", [1])."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "gpu", [device.index if device.index is not None else torch.cuda.current_device()]
+    if device.type == "mps":
+        return "mps", 1
+    return "cpu", 1
+
+
 def make_trainer(steps: int, workdir: str | os.PathLike | None = None, *, every: int = 50, progress: bool = True,
-                 strategy="auto", devices: int | str = 1, accelerator: str = "cpu", callbacks=(),
+                 strategy="auto", devices: int | str | list[int] = 1, accelerator: str = "cpu", callbacks=(),
                  **kwargs) -> L.Trainer:
     """A Trainer for `steps` optimizer steps; with `workdir`, a checkpoint (`last.ckpt`) every `every` steps.
     `use_distributed_sampler=False`: `SubjectDataModule`'s sampler splits data by rank itself."""
@@ -136,9 +146,19 @@ def make_trainer(steps: int, workdir: str | os.PathLike | None = None, *, every:
 
 def fit(module: SubjectLoRAModule, data: L.LightningDataModule, steps: int,
         workdir: str | os.PathLike | None = None, *, resume: bool = True, **trainer_kwargs) -> L.Trainer:
-    """Train (or, with `resume` and a `last.ckpt` in `workdir`, continue training) to `steps` steps."""
+    """Train (or, with `resume` and a `last.ckpt` in `workdir`, continue training) to `steps` steps.
+
+    The module shares the base's frozen VAE and image encoder, and Lightning moves the whole module to the
+    training device at the start and to the CPU at teardown; both are put back where they were (device and
+    dtype), so the studio's base still works after training."""
     trainer = make_trainer(steps, workdir, **trainer_kwargs)
     last = Path(workdir) / "last.ckpt" if workdir is not None else None
     ckpt = str(last) if resume and last is not None and last.exists() else None
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    shared = [(m, next(m.parameters())) for m in (module.vae, module.image_encoder)]
+    shared = [(m, p.device, p.dtype) for m, p in shared]
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    finally:
+        for m, device, dtype in shared:
+            m.to(device=device, dtype=dtype)
     return trainer
