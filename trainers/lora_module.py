@@ -160,5 +160,9 @@ def fit(module: SubjectLoRAModule, data: L.LightningDataModule, steps: int,
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     finally:
         for m, device, dtype in shared:
-            m.to(device=device, dtype=dtype)
+            now = next(m.parameters())
+            if now.device != device:
+                m.to(device=device)
+            if now.dtype != dtype:
+                m.to(dtype=dtype)
     return trainer
