@@ -58,13 +58,13 @@ def scenes_for(product_seed: int, n: int, validate: bool, size: int):
     return product, [make_scene(s, size, product=product) for s in seeds]
 
 
-def place(studio, scenes, steps, seed, subject=None, images=None):
+def place(studio, scenes, steps, seed, subject=None, images=None, guidance=5.0):
     jobs = [(s.room, s.mask, s.exemplar) for s in scenes]
     if subject is None:
-        placed = studio.inpaint_many(jobs, steps=steps, seed=seed, progress=False)
+        placed = studio.inpaint_many(jobs, steps=steps, seed=seed, progress=False, guidance_scale=guidance)
     else:
         with subject.applied(studio):
-            placed = studio.inpaint_many(jobs, steps=steps, seed=seed, progress=False)
+            placed = studio.inpaint_many(jobs, steps=steps, seed=seed, progress=False, guidance_scale=guidance)
     if images is not None:
         images.extend(p.image for p in placed)
     return [masked_psnr(p.image, s.composite, s.mask) for p, s in zip(placed, scenes)]
@@ -181,6 +181,9 @@ def main(argv=None):
     ap.add_argument("--exposure", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                     help="brightness factor range on the composited product (default: Subject.train's)")
     ap.add_argument("--strength", type=float, default=None, help="exported fraction of the delta (default: Subject.train's)")
+    ap.add_argument("--guidance", type=float, nargs="+", default=[5.0],
+                    help="guidance scales; the first gives the headline (the studio's default, 5), the others a "
+                         "sensitivity check: base alone and base + adapter (int8) at each")
     ap.add_argument("--cutouts", action="store_true",
                     help="the retailer uploads cut-outs (RGBA PNGs with the product's alpha) instead of photos")
     args = ap.parse_args(argv)
@@ -226,28 +229,35 @@ def main(argv=None):
                                         progress=False)
             train_s = time.time() - t0
             pictures = ([], []) if index == 0 and args.grid else (None, None)
-            base_psnr = place(studio, scenes, args.sample_steps, args.seed, images=pictures[0])
+            g0 = args.guidance[0]
+            base_psnr = place(studio, scenes, args.sample_steps, args.seed, images=pictures[0], guidance=g0)
             row = {"product": ps, "shape": product.shape, "scenes": len(scenes), "train_s": round(train_s, 1),
                    "base": statistics.fmean(base_psnr)}
             forms = variants(subject, args.energy)
             for name, variant in forms.items():
                 psnr = place(studio, scenes, args.sample_steps, args.seed, variant,
-                             images=pictures[1] if name == "int8" else None)
+                             images=pictures[1] if name == "int8" else None, guidance=g0)
                 row[name] = statistics.fmean(psnr)
                 if name == "int8" and pictures[1] is not None:
                     fidelity_grid(args.grid, photos, scenes, *pictures, base_psnr, psnr)
                 row[f"{name}_bytes"] = variant.stored_bytes
             row["gain"] = row["int8"] - row["base"]
+            for g in args.guidance[1:]:  # the same adapter, both sides at another guidance scale
+                row[f"base_g{g:g}"] = statistics.fmean(place(studio, scenes, args.sample_steps, args.seed, guidance=g))
+                row[f"gain_g{g:g}"] = statistics.fmean(place(studio, scenes, args.sample_steps, args.seed,
+                                                             forms["int8"], guidance=g)) - row[f"base_g{g:g}"]
             rows.append(row)
             kept.append((scenes, forms["int8"]))
             print(format_table([{k: v for k, v in row.items() if not k.endswith("_bytes")}]), flush=True)
         # control: is the gain the product's own? The next product's adapter on these scenes (same exemplar)
         for k, row in enumerate(rows):
             other = kept[(k + 1) % len(kept)][1] if len(kept) > 1 else None
-            row["other_adapter_gain"] = (statistics.fmean(place(studio, kept[k][0], args.sample_steps, args.seed, other))
+            row["other_adapter_gain"] = (statistics.fmean(place(studio, kept[k][0], args.sample_steps, args.seed, other,
+                                                                guidance=args.guidance[0]))
                                          - row["base"]) if other is not None else float("nan")
+    extra = [k for k in rows[0] if k.startswith(("base_g", "gain_g"))]
     names = [k for k in rows[0] if k not in ("product", "shape", "scenes", "train_s", "base", "gain",
-                                             "other_adapter_gain") and not k.endswith("_bytes")]
+                                             "other_adapter_gain", *extra) and not k.endswith("_bytes")]
     table = [{k: v for k, v in r.items() if not k.endswith("_bytes")} for r in rows]
     mean = {"product": "mean", "shape": "", "scenes": sum(r["scenes"] for r in rows),
             "train_s": round(statistics.fmean(r["train_s"] for r in rows), 1),
@@ -255,6 +265,7 @@ def main(argv=None):
             **{n: statistics.fmean(r[n] for r in rows) for n in names}}
     mean["gain"] = mean["int8"] - mean["base"]
     mean["other_adapter_gain"] = statistics.fmean(r["other_adapter_gain"] for r in rows)
+    mean.update({k: statistics.fmean(r[k] for r in rows) for k in extra})
     print(format_table(table + [mean]))
     summary = {
         "bench": "subject_fidelity", "quick": args.quick, "validate": args.validate, "base": base.name,
@@ -270,6 +281,9 @@ def main(argv=None):
         "gain_db_default_storage": round(mean["int8"] - mean["base"], 3),
         "gain_db_fp32": round(mean["fp32"] - mean["base"], 3),
         "other_product_adapter_gain_db": round(mean["other_adapter_gain"], 3),
+        "guidance": args.guidance[0],
+        "by_guidance": {f"{g:g}": {"psnr_base": round(mean[f"base_g{g:g}"], 3), "gain_db": round(mean[f"gain_g{g:g}"], 3)}
+                        for g in args.guidance[1:]},
         "compression_loss_db": {n: round(mean["fp32"] - mean[n], 3) for n in names if n != "fp32"},
         "goal_gain_db": 2.0, "goal_met": bool(mean["int8"] - mean["base"] >= 2.0),
         "minutes": round((time.time() - started) / 60, 1),
