@@ -282,8 +282,8 @@ def main(argv=None):
         "gain_db_fp32": round(mean["fp32"] - mean["base"], 3),
         "other_product_adapter_gain_db": round(mean["other_adapter_gain"], 3),
         "guidance": args.guidance[0],
-        "by_guidance": {f"{g:g}": {"psnr_base": round(mean[f"base_g{g:g}"], 3), "gain_db": round(mean[f"gain_g{g:g}"], 3)}
-                        for g in args.guidance[1:]},
+        "by_guidance": {f"{g:g}": {"psnr_base": round(mean[f"base_g{g:g}"], 3),
+                                   "gain_db": round(mean[f"gain_g{g:g}"], 3)} for g in args.guidance[1:]},
         "compression_loss_db": {n: round(mean["fp32"] - mean[n], 3) for n in names if n != "fp32"},
         "goal_gain_db": 2.0, "goal_met": bool(mean["int8"] - mean["base"] >= 2.0),
         "minutes": round((time.time() - started) / 60, 1),

@@ -261,7 +261,8 @@ class Subject:
                    "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "strength": float(strength),
                                 "seed": seed, "placement_p": float(placement_p), "composite_p": float(composite_p),
                                 "shadow_p": float(shadow_p), "upright": bool(upright),
-                                "exposure": [float(v) for v in check_exposure(exposure)], "backgrounds": len(backgrounds),
+                                "exposure": [float(v) for v in check_exposure(exposure)],
+                                "backgrounds": len(backgrounds),
                                 "accelerator": str(trainer_kwargs.get("accelerator")),
                                 "dropout": dropout, "photos": len(photos), "base": base.name,
                                 "detector_error": annotator.detector_error}})

@@ -154,8 +154,7 @@ def fit(module: SubjectLoRAModule, data: L.LightningDataModule, steps: int,
     trainer = make_trainer(steps, workdir, **trainer_kwargs)
     last = Path(workdir) / "last.ckpt" if workdir is not None else None
     ckpt = str(last) if resume and last is not None and last.exists() else None
-    shared = [(m, next(m.parameters())) for m in (module.vae, module.image_encoder)]
-    shared = [(m, p.device, p.dtype) for m, p in shared]
+    shared = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in (module.vae, module.image_encoder)]
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     finally:
