@@ -84,16 +84,24 @@ def placement_margin(height: int, margin: float = 0.04) -> int:
     return max(1, round(margin * height))
 
 
+def shadow_radii(box: tuple[int, int, int, int], height: int) -> tuple[float, float]:
+    """(rx, ry) of the soft contact shadow under a product standing at `box` in an image `height` tall: 0.6 of the
+    product's width, kept inside its placement box, and 0.1 of its height (at least 1.5 px). The shadow reaches
+    0.7 * ry below the box, which `placement_box` leaves room for."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    return min(0.6 * w, 0.5 * w + placement_margin(height) - 0.5), max(1.5, 0.1 * h)
+
+
 def placement_box(size: tuple[int, int], box: tuple[int, int, int, int],
                   margin: float = 0.04) -> tuple[int, int, int, int]:
     """The mask box for placing a product at `box` (x0, y0, x1, y1; x1/y1 exclusive) in an image of `size` =
     (width, height): the box grown by `placement_margin` on every side, and further down by the room its contact
-    shadow needs (0.7 of max(1.5, 0.1 * box height)), clipped to the image. This is the demo scenes' mask
+    shadow needs (0.7 of its `shadow_radii` ry), clipped to the image. This is the demo scenes' mask
     convention, and what `Subject.train`'s placement masks teach the adapter to fill."""
     width, height = size
     x0, y0, x1, y1 = (int(v) for v in box)
     m = placement_margin(height, margin)
-    shadow = math.ceil(0.7 * max(1.5, 0.1 * (y1 - y0)))
+    shadow = math.ceil(0.7 * shadow_radii((x0, y0, x1, y1), height)[1])
     return max(x0 - m, 0), max(y0 - m, 0), min(x1 + m, width), min(y1 + m + shadow, height)
 
 

@@ -197,7 +197,7 @@ class Subject:
             if not 0.0 <= float(p) <= 1.0:
                 raise InvalidArgument(f"{what} must be in [0, 1], got {p}")
         try:
-            check_exposure(exposure)
+            exposure = check_exposure(exposure)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 2.0:
@@ -261,7 +261,7 @@ class Subject:
                    "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "strength": float(strength),
                                 "seed": seed, "placement_p": float(placement_p), "composite_p": float(composite_p),
                                 "shadow_p": float(shadow_p), "upright": bool(upright),
-                                "exposure": [float(v) for v in check_exposure(exposure)],
+                                "exposure": list(exposure),
                                 "backgrounds": len(backgrounds),
                                 "accelerator": str(trainer_kwargs.get("accelerator")),
                                 "dropout": dropout, "photos": len(photos), "base": base.name,

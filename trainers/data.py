@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from subjectpaint.masks import bezier_mask, box_mask, placement_box, placement_margin
+from subjectpaint.masks import bezier_mask, box_mask, placement_box, shadow_radii
 
 from .annotate import Annotation, decontaminate
 
@@ -204,8 +204,7 @@ class SubjectData(Dataset):
         room = room.copy()
         extent = (x, y, x + nw, bottom)
         if self.shadow_p and rng.random() < self.shadow_p:  # a soft ellipse centred on the base line
-            # as wide as the demo scenes' shadow: 0.6 of the product's width, but inside its placement box
-            ry, rx = max(1.5, 0.1 * nh), min(0.6 * nw, 0.5 * nw + placement_margin(S) - 0.5)
+            rx, ry = shadow_radii((x, y, x + nw, bottom), S)  # the demo scenes' shadow, inside the placement box
             yy = np.arange(S, dtype=np.float32)[:, None] + 0.5
             xx = np.arange(S, dtype=np.float32)[None, :] + 0.5
             q = 1 - ((xx - (x + nw / 2)) / rx) ** 2 - ((yy - bottom + 0.3 * ry) / ry) ** 2

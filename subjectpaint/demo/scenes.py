@@ -27,7 +27,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 from ..errors import InvalidArgument
-from ..masks import placement_box, placement_margin
+from ..masks import placement_box, placement_margin, shadow_radii
 
 __all__ = [
     "SHAPES", "PATTERNS", "TRAIN_SEEDS", "EVAL_SEEDS", "TRAIN_PRODUCT_SEEDS", "HELDOUT_PRODUCT_SEEDS",
@@ -617,7 +617,6 @@ def make_scene(seed: int, size: int = 64, product: Product | None = None) -> Sce
     _paste(layer, rgba, x - bx0, y - by0)
     box = (x, y, x + w, y + h)
     # the inpainting mask: the box, a margin, and room below for the contact shadow
-    ry = max(1.5, 0.1 * h)
     mx0, my0, mx1, my1 = placement_box((size, size), box)
     mask = np.zeros((size, size), np.uint8)
     mask[my0:my1, mx0:mx1] = 255
@@ -625,7 +624,7 @@ def make_scene(seed: int, size: int = 64, product: Product | None = None) -> Sce
     win = (slice(my0, my1), slice(mx0, mx1))
     yy = np.arange(my0, my1, dtype=np.float32)[:, None] + 0.5
     xx = np.arange(mx0, mx1, dtype=np.float32)[None, :] + 0.5
-    rx = min(0.6 * w, 0.5 * w + margin - 0.5)
+    rx, ry = shadow_radii(box, size)
     q = 1 - ((xx - (x + w / 2)) / rx) ** 2 - ((yy - base + 0.3 * ry) / ry) ** 2
     shadow = r.uniform(0.45, 0.7) * np.clip(q, 0, 1) ** 1.5
     a = layer[..., 3:]
