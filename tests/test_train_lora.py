@@ -106,19 +106,34 @@ def test_the_loss_target_follows_the_bases_prediction_type(setup, kind):
 
 class Teardown(L.Callback):
     """What Lightning's strategy teardown does on a GPU run (the module to the CPU), in a form a CPU run can show:
-    the module, and with it the base's VAE and image encoder it shares, cast to float64 after the last step."""
+    the module, and with it the base's VAE and image encoder it shares, cast to float64 after the last step.
+    With `fail`, the run is then interrupted (a killed run: Lightning calls no teardown hook of the module)."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
 
     def on_train_end(self, trainer, pl_module):
         pl_module.to(torch.float64)
+        if self.fail:
+            raise RuntimeError("killed")
 
 
-def test_training_leaves_the_shared_base_where_it_was(setup):
+@pytest.mark.parametrize("how", ["fit", "plain Trainer.fit", "interrupted fit"])
+def test_training_leaves_the_shared_base_where_it_was(setup, how):
     # the module shares the base's frozen VAE and image encoder; whatever the strategy does to the module,
-    # the base must still be usable (same device and dtype) after fit
+    # the base must still be usable (same device and dtype) after training, also when the user drives the Trainer
+    from trainers.lora_module import make_trainer
+
     base, data = setup
     module = SubjectLoRAModule(base, **KW)
     assert module.vae is base.vae and module.image_encoder is base.image_encoder
-    fit(module, data(), 2, progress=False, callbacks=[Teardown()])
+    if how == "fit":
+        fit(module, data(), 2, progress=False, callbacks=[Teardown()])
+    elif how == "plain Trainer.fit":
+        make_trainer(2, progress=False, callbacks=[Teardown()]).fit(module, datamodule=data())
+    else:
+        with pytest.raises(RuntimeError, match="killed"):
+            fit(module, data(), 2, progress=False, callbacks=[Teardown(fail=True)])
     assert next(module.unet.parameters()).dtype == torch.float64  # the callback did act on the module
     for part in (base.vae, base.image_encoder, base.unet):
         assert {p.dtype for p in part.parameters()} == {torch.float32}

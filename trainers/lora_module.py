@@ -67,6 +67,33 @@ class SubjectLoRAModule(L.LightningModule):
             raise InvalidArgument(f"unknown prediction_type {self.noise.config.prediction_type!r} in the base's scheduler")
         self.lr, self.weight_decay, self.drop, self.seed = lr, weight_decay, drop, seed
         self.strict_loading = False  # checkpoints hold only the LoRA factors (see on_save_checkpoint)
+        self._shared_home = None  # [(module, device, dtype)] of the shared VAE and encoder while fitting
+
+    # ------------------------------------------------------------------- the base's shared modules
+
+    def _shared_placement(self) -> list:
+        return [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in (self.vae, self.image_encoder)]
+
+    def restore_shared(self) -> None:
+        """Put the base's VAE and image encoder (shared with this module) back on the device and dtype they had
+        when fitting began. Lightning moves the whole module to the training device at the start and to the CPU at
+        teardown; without this, the studio's base is left half moved."""
+        for m, device, dtype in self._shared_home or ():
+            now = next(m.parameters())
+            if now.device != device:
+                m.to(device=device)
+            if now.dtype != dtype:
+                m.to(dtype=dtype)
+        self._shared_home = None
+
+    def setup(self, stage):
+        # called before the strategy moves the module (and on a plain `Trainer.fit(module)` too)
+        if self._shared_home is None:
+            self._shared_home = self._shared_placement()
+
+    def teardown(self, stage):
+        # a finished run: Lightning has already moved the module to the CPU when this hook runs
+        self.restore_shared()
 
     # ------------------------------------------------------------------------------------- the step
 
@@ -148,20 +175,14 @@ def fit(module: SubjectLoRAModule, data: L.LightningDataModule, steps: int,
         workdir: str | os.PathLike | None = None, *, resume: bool = True, **trainer_kwargs) -> L.Trainer:
     """Train (or, with `resume` and a `last.ckpt` in `workdir`, continue training) to `steps` steps.
 
-    The module shares the base's frozen VAE and image encoder, and Lightning moves the whole module to the
-    training device at the start and to the CPU at teardown; both are put back where they were (device and
-    dtype), so the studio's base still works after training."""
+    The module shares the base's frozen VAE and image encoder and puts them back in its `teardown` hook after a
+    finished run; an interrupted run moves the module to the CPU after the last hook, so `fit` restores them too."""
     trainer = make_trainer(steps, workdir, **trainer_kwargs)
     last = Path(workdir) / "last.ckpt" if workdir is not None else None
     ckpt = str(last) if resume and last is not None and last.exists() else None
-    shared = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in (module.vae, module.image_encoder)]
+    module._shared_home = module._shared_placement()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     finally:
-        for m, device, dtype in shared:
-            now = next(m.parameters())
-            if now.device != device:
-                m.to(device=device)
-            if now.dtype != dtype:
-                m.to(dtype=dtype)
+        module.restore_shared()
     return trainer
