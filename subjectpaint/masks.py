@@ -92,6 +92,18 @@ def shadow_radii(box: tuple[int, int, int, int], height: int) -> tuple[float, fl
     return min(0.6 * w, 0.5 * w + placement_margin(height) - 0.5), max(1.5, 0.1 * h)
 
 
+def contact_shadow(box: tuple[int, int, int, int], height: int, window: tuple[int, int, int, int]) -> np.ndarray:
+    """The soft contact shadow under a product standing at `box`, before its strength: an ellipse with
+    `shadow_radii`, centred on the box's base line and reaching 0.7 ry below it, with a compact (1 - r^2)^1.5
+    falloff; float32 in [0, 1] over `window` = (x0, y0, x1, y1) of an image `height` tall (pixel centres)."""
+    rx, ry = shadow_radii(box, height)
+    wx0, wy0, wx1, wy1 = window
+    yy = np.arange(wy0, wy1, dtype=np.float32)[:, None] + 0.5
+    xx = np.arange(wx0, wx1, dtype=np.float32)[None, :] + 0.5
+    q = 1 - ((xx - (box[0] + (box[2] - box[0]) / 2)) / rx) ** 2 - ((yy - box[3] + 0.3 * ry) / ry) ** 2
+    return np.clip(q, 0, 1) ** 1.5
+
+
 def placement_box(size: tuple[int, int], box: tuple[int, int, int, int],
                   margin: float = 0.04) -> tuple[int, int, int, int]:
     """The mask box for placing a product at `box` (x0, y0, x1, y1; x1/y1 exclusive) in an image of `size` =

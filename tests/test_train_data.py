@@ -164,6 +164,27 @@ def test_placement_box_grows_the_box_by_the_margin_and_the_shadow_room():
     assert placement_box((64, 64), (20, 10, 40, 50), margin=0.0)[0] == 19  # never less than 1 px
 
 
+def test_contact_shadow_is_dark_under_the_base_line_and_inside_the_placement_box():
+    from subjectpaint.masks import contact_shadow, placement_box
+
+    rng = np.random.default_rng(0)
+    for size in (64, 128):
+        for _ in range(200):
+            w, h = int(rng.integers(2, size // 2)), int(rng.integers(2, size // 2))
+            x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+            box = (x, y, x + w, y + h)
+            full = contact_shadow(box, size, (0, 0, size, size))
+            assert full.dtype == np.float32 and 0 <= full.min() and full.max() <= 1
+            if y + h < size:  # the row just under the product's centre is in shadow
+                assert full[y + h, x + w // 2] > 0.2
+            x0, y0, x1, y1 = placement_box((size, size), box)
+            outside = full.copy()
+            outside[y0:y1, x0:x1] = 0
+            assert not outside.any()  # the placement mask leaves room for all of it
+            window = (x0, y0, x1, y1)  # a window gives the same values as the full frame
+            np.testing.assert_array_equal(contact_shadow(box, size, window), full[y0:y1, x0:x1])
+
+
 def test_placement_masks_are_the_products_placement_box_and_cover_its_shadow():
     import PIL.Image
 

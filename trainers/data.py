@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from subjectpaint.masks import bezier_mask, box_mask, placement_box, shadow_radii
+from subjectpaint.masks import bezier_mask, box_mask, contact_shadow, placement_box, shadow_radii
 
 from .annotate import Annotation, decontaminate
 
@@ -205,10 +205,7 @@ class SubjectData(Dataset):
         extent = (x, y, x + nw, bottom)
         if self.shadow_p and rng.random() < self.shadow_p:  # a soft ellipse centred on the base line
             rx, ry = shadow_radii((x, y, x + nw, bottom), S)  # the demo scenes' shadow, inside the placement box
-            yy = np.arange(S, dtype=np.float32)[:, None] + 0.5
-            xx = np.arange(S, dtype=np.float32)[None, :] + 0.5
-            q = 1 - ((xx - (x + nw / 2)) / rx) ** 2 - ((yy - bottom + 0.3 * ry) / ry) ** 2
-            shade = rng.uniform(0.45, 0.7) * np.clip(q, 0, 1) ** 1.5
+            shade = rng.uniform(0.45, 0.7) * contact_shadow((x, y, x + nw, bottom), S, (0, 0, S, S))
             room *= 1 - shade[..., None]
             extent = (max(0, int(x + nw / 2 - rx)), y, min(S, int(np.ceil(x + nw / 2 + rx))),
                       min(S, int(np.ceil(bottom + 0.7 * ry))))

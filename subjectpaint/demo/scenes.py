@@ -27,7 +27,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 from ..errors import InvalidArgument
-from ..masks import placement_box, placement_margin, shadow_radii
+from ..masks import contact_shadow, placement_box, placement_margin
 
 __all__ = [
     "SHAPES", "PATTERNS", "TRAIN_SEEDS", "EVAL_SEEDS", "TRAIN_PRODUCT_SEEDS", "HELDOUT_PRODUCT_SEEDS",
@@ -622,11 +622,7 @@ def make_scene(seed: int, size: int = 64, product: Product | None = None) -> Sce
     mask[my0:my1, mx0:mx1] = 255
     # soft contact shadow, compact support, clipped to the mask
     win = (slice(my0, my1), slice(mx0, mx1))
-    yy = np.arange(my0, my1, dtype=np.float32)[:, None] + 0.5
-    xx = np.arange(mx0, mx1, dtype=np.float32)[None, :] + 0.5
-    rx, ry = shadow_radii(box, size)
-    q = 1 - ((xx - (x + w / 2)) / rx) ** 2 - ((yy - base + 0.3 * ry) / ry) ** 2
-    shadow = r.uniform(0.45, 0.7) * np.clip(q, 0, 1) ** 1.5
+    shadow = r.uniform(0.45, 0.7) * contact_shadow(box, size, (mx0, my0, mx1, my1))
     a = layer[..., 3:]
     comp = room_u8[win].astype(np.float32) / 255 * (1 - shadow[..., None]) * (1 - a[win]) + layer[win][..., :3] * a[win]
     composite = room_u8.copy()
