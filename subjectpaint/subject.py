@@ -242,7 +242,7 @@ class Subject:
         trainer_kwargs = {"accelerator": accelerator, "devices": devices, **dict(trainer_kwargs or {})}
         with tempfile.TemporaryDirectory(prefix="subjectpaint-train-") as tmp:
             trainer = fit(module, data, steps, workdir if workdir is not None else tmp, progress=progress,
-                          **trainer_kwargs)
+                          label=f"training {name}", **trainer_kwargs)
             loss = trainer.callback_metrics.get("loss")
 
         # 4. Export: interchange tensors + metadata, then register

@@ -146,3 +146,14 @@ def test_accelerator_follows_the_bases_device():
     assert accelerator_for("cpu") == ("cpu", 1)
     assert accelerator_for(torch.device("cuda:1")) == ("gpu", [1])
     assert accelerator_for("mps") == ("mps", 1)
+
+
+def test_progress_bar_shows_the_label_not_a_negative_epoch_total(setup, capsys):
+    # a step-limited run has max_epochs=-1; Lightning 2.6's rich bar printed it as "Epoch 0/-2"
+    base, data = setup
+    trainer = fit(SubjectLoRAModule(base, **KW), data(), 3, label="training blue-mug")
+    assert isinstance(trainer.progress_bar_callback, L.pytorch.callbacks.ProgressBar)
+    shown = capsys.readouterr()
+    shown = shown.out + shown.err
+    assert "training blue-mug" in shown and "3/3" in shown
+    assert "/-2" not in shown and "Epoch" not in shown

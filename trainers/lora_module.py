@@ -156,12 +156,43 @@ def accelerator_for(device: str | torch.device) -> tuple[str, int | list[int]]:
     return "cpu", 1
 
 
+class _RichBar(L.pytorch.callbacks.RichProgressBar):
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return self.label
+
+
+class _TQDMBar(L.pytorch.callbacks.TQDMProgressBar):
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(self.label)
+
+
+def progress_bar(label: str = "training") -> L.pytorch.callbacks.ProgressBar:
+    """Lightning's progress bar (rich when installed, as Lightning picks) labelled `label` instead of the epoch: a
+    step-limited run has `max_epochs=-1`, which Lightning 2.6's rich bar shows as "Epoch 0/-2" (Lightning issue
+    #21925, fixed after 2.6.6)."""
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    return _RichBar(label) if _RICH_AVAILABLE else _TQDMBar(label)
+
+
 def make_trainer(steps: int, workdir: str | os.PathLike | None = None, *, every: int = 50, progress: bool = True,
                  strategy="auto", devices: int | str | list[int] = 1, accelerator: str = "cpu", callbacks=(),
-                 **kwargs) -> L.Trainer:
-    """A Trainer for `steps` optimizer steps; with `workdir`, a checkpoint (`last.ckpt`) every `every` steps.
+                 label: str = "training", **kwargs) -> L.Trainer:
+    """A Trainer for `steps` optimizer steps; with `workdir`, a checkpoint (`last.ckpt`) every `every` steps, and
+    with `progress`, a progress bar labelled `label`.
     `use_distributed_sampler=False`: `SubjectDataModule`'s sampler splits data by rank itself."""
     callbacks = list(callbacks)
+    if progress and not any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks):
+        callbacks.append(progress_bar(label))
     if workdir is not None:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=str(workdir), save_last="link", save_top_k=1,
                                                              every_n_train_steps=every))
