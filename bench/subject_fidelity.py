@@ -15,7 +15,12 @@ vs base + adapter, same exemplar (the scene's own) and same sampling seed. The a
 that is the set hyperparameters were chosen on. `--oracle N` is a diagnostic upper bound: the same LoRA module,
 steps, learning rate and strength, but trained on N true demo scenes of the product (training-split rooms, never
 the eval scenes) instead of composites of its photos. A control column: the next product's adapter on this
-product's scenes (if the gain were not the product's own, it would show there too). Last stdout line: JSON.
+product's scenes (if the gain were not the product's own, it would show there too).
+
+Beside PSNR, an appearance metric on the product: exemplar-I (`subjectpaint.evaluate.exemplar_i`), the cosine of
+the base's own exemplar-encoder embeddings of the placed and the true product crop (CLIP-I with the encoder at
+hand: no CLIP or DINO weights exist offline). How well that encoder tells the evaluated products apart on their
+true scenes is reported too (`encoder_identity_top1`, against chance). Last stdout line: JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,7 +44,7 @@ from subjectpaint import Studio  # noqa: E402
 from subjectpaint.base import ExemplarInpainter  # noqa: E402
 from subjectpaint.demo.scenes import (HELDOUT_PRODUCT_SEEDS, TRAIN_SEEDS, Product, heldout_scene_seeds,  # noqa: E402
                                       make_scene, product_photos)
-from subjectpaint.evaluate import format_table, masked_psnr  # noqa: E402
+from subjectpaint.evaluate import box_crop, exemplar_embed, exemplar_i, format_table, masked_psnr  # noqa: E402
 from subjectpaint.subject import Subject  # noqa: E402
 from trainers import export  # noqa: E402
 
@@ -58,7 +64,12 @@ def scenes_for(product_seed: int, n: int, validate: bool, size: int):
     return product, [make_scene(s, size, product=product) for s in seeds]
 
 
-def place(studio, scenes, steps, seed, subject=None, images=None, guidance=5.0):
+class Placed(NamedTuple):
+    psnr: list  # masked PSNR against the truth, per scene
+    appearance: list  # exemplar-I: the base's exemplar-encoder cosine, placed vs true product crop, per scene
+
+
+def place(studio, scenes, steps, seed, subject=None, images=None, guidance=5.0) -> Placed:
     jobs = [(s.room, s.mask, s.exemplar) for s in scenes]
     if subject is None:
         placed = studio.inpaint_many(jobs, steps=steps, seed=seed, progress=False, guidance_scale=guidance)
@@ -67,7 +78,23 @@ def place(studio, scenes, steps, seed, subject=None, images=None, guidance=5.0):
             placed = studio.inpaint_many(jobs, steps=steps, seed=seed, progress=False, guidance_scale=guidance)
     if images is not None:
         images.extend(p.image for p in placed)
-    return [masked_psnr(p.image, s.composite, s.mask) for p, s in zip(placed, scenes)]
+    appearance = exemplar_i([box_crop(p.image, s.box) for p, s in zip(placed, scenes)],
+                            [box_crop(s.composite, s.box) for s in scenes], studio.base, reduction="none")
+    return Placed([masked_psnr(p.image, s.composite, s.mask) for p, s in zip(placed, scenes)], appearance.tolist())
+
+
+def encoder_identity(base, scene_sets) -> float:
+    """How well the base's exemplar encoder tells the products apart on their true scenes: the share of true
+    product crops whose nearest other crop (cosine) shows the same product (chance: 1 / products)."""
+    crops, labels = [], []
+    for k, scenes in enumerate(scene_sets):
+        crops += [box_crop(s.composite, s.box) for s in scenes]
+        labels += [k] * len(scenes)
+    e = torch.nn.functional.normalize(exemplar_embed(crops, base).double(), dim=-1)
+    sim = e @ e.T
+    sim.fill_diagonal_(-2.0)
+    labels = torch.tensor(labels)
+    return float((labels[sim.argmax(1)] == labels).double().mean())
 
 
 def fidelity_grid(path, photos, scenes, base_images, adapter_images, base_psnr, adapter_psnr, n=6):
@@ -230,22 +257,31 @@ def main(argv=None):
             train_s = time.time() - t0
             pictures = ([], []) if index == 0 and args.grid else (None, None)
             g0 = args.guidance[0]
-            base_psnr = place(studio, scenes, args.sample_steps, args.seed, images=pictures[0], guidance=g0)
+            base_placed = place(studio, scenes, args.sample_steps, args.seed, images=pictures[0], guidance=g0)
+            base_psnr = base_placed.psnr
             row = {"product": ps, "shape": product.shape, "scenes": len(scenes), "train_s": round(train_s, 1),
                    "base": statistics.fmean(base_psnr)}
             forms = variants(subject, args.energy)
             for name, variant in forms.items():
-                psnr = place(studio, scenes, args.sample_steps, args.seed, variant,
-                             images=pictures[1] if name == "int8" else None, guidance=g0)
+                placed = place(studio, scenes, args.sample_steps, args.seed, variant,
+                               images=pictures[1] if name == "int8" else None, guidance=g0)
+                psnr = placed.psnr
                 row[name] = statistics.fmean(psnr)
+                if name == "int8":
+                    appearance = {"app_base": statistics.fmean(base_placed.appearance),
+                                  "app_int8": statistics.fmean(placed.appearance)}
                 if name == "int8" and pictures[1] is not None:
                     fidelity_grid(args.grid, photos, scenes, *pictures, base_psnr, psnr)
                 row[f"{name}_bytes"] = variant.stored_bytes
             row["gain"] = row["int8"] - row["base"]
+            row.update(appearance)
             for g in args.guidance[1:]:  # the same adapter, both sides at another guidance scale
-                row[f"base_g{g:g}"] = statistics.fmean(place(studio, scenes, args.sample_steps, args.seed, guidance=g))
-                row[f"gain_g{g:g}"] = statistics.fmean(place(studio, scenes, args.sample_steps, args.seed,
-                                                             forms["int8"], guidance=g)) - row[f"base_g{g:g}"]
+                b = place(studio, scenes, args.sample_steps, args.seed, guidance=g)
+                a = place(studio, scenes, args.sample_steps, args.seed, forms["int8"], guidance=g)
+                row[f"base_g{g:g}"] = statistics.fmean(b.psnr)
+                row[f"gain_g{g:g}"] = statistics.fmean(a.psnr) - row[f"base_g{g:g}"]
+                row[f"app_base_g{g:g}"] = statistics.fmean(b.appearance)
+                row[f"app_int8_g{g:g}"] = statistics.fmean(a.appearance)
             rows.append(row)
             kept.append((scenes, forms["int8"]))
             print(format_table([{k: v for k, v in row.items() if not k.endswith("_bytes")}]), flush=True)
@@ -253,9 +289,10 @@ def main(argv=None):
         for k, row in enumerate(rows):
             other = kept[(k + 1) % len(kept)][1] if len(kept) > 1 else None
             row["other_adapter_gain"] = (statistics.fmean(place(studio, kept[k][0], args.sample_steps, args.seed, other,
-                                                                guidance=args.guidance[0]))
+                                                                guidance=args.guidance[0]).psnr)
                                          - row["base"]) if other is not None else float("nan")
-    extra = [k for k in rows[0] if k.startswith(("base_g", "gain_g"))]
+        identity = encoder_identity(base, [scenes for scenes, _ in kept])
+    extra = [k for k in rows[0] if k.startswith(("base_g", "gain_g", "app_"))]
     names = [k for k in rows[0] if k not in ("product", "shape", "scenes", "train_s", "base", "gain",
                                              "other_adapter_gain", *extra) and not k.endswith("_bytes")]
     table = [{k: v for k, v in r.items() if not k.endswith("_bytes")} for r in rows]
@@ -283,7 +320,12 @@ def main(argv=None):
         "other_product_adapter_gain_db": round(mean["other_adapter_gain"], 3),
         "guidance": args.guidance[0],
         "by_guidance": {f"{g:g}": {"psnr_base": round(mean[f"base_g{g:g}"], 3),
-                                   "gain_db": round(mean[f"gain_g{g:g}"], 3)} for g in args.guidance[1:]},
+                                   "gain_db": round(mean[f"gain_g{g:g}"], 3),
+                                   "exemplar_i_base": round(mean[f"app_base_g{g:g}"], 4),
+                                   "exemplar_i_adapter": round(mean[f"app_int8_g{g:g}"], 4)}
+                        for g in args.guidance[1:]},
+        "exemplar_i_base": round(mean["app_base"], 4), "exemplar_i_adapter": round(mean["app_int8"], 4),
+        "encoder_identity_top1": round(identity, 3), "encoder_identity_chance": round(1 / len(rows), 3),
         "compression_loss_db": {n: round(mean["fp32"] - mean[n], 3) for n in names if n != "fp32"},
         "goal_gain_db": 2.0, "goal_met": bool(mean["int8"] - mean["base"] >= 2.0),
         "minutes": round((time.time() - started) / 60, 1),

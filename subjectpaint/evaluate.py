@@ -28,7 +28,7 @@ from .errors import InvalidArgument, InvalidImage, InvalidMask, WeightsNotFound
 
 __all__ = [
     "to_tensor01", "mask_to_bool", "masked_psnr", "masked_ssim", "background_error", "BackgroundError",
-    "pixel_metrics", "clip_i", "dino", "fid", "load_clip", "load_dino", "format_table",
+    "pixel_metrics", "clip_i", "dino", "exemplar_i", "box_crop", "fid", "load_clip", "load_dino", "format_table",
     "CLIP_MODEL", "DINO_MODEL",
 ]
 
@@ -230,6 +230,42 @@ def dino_embed(images, model) -> torch.Tensor:
 def dino(pred, ref, model, reduction: str = "mean"):
     """DINO: cosine similarity of timm ViT features, pairwise (pred[i] vs ref[i]), averaged."""
     return _cosine(dino_embed(pred, model), dino_embed(ref, model), reduction)
+
+
+@torch.no_grad()
+def exemplar_embed(images, base) -> torch.Tensor:
+    """Embeddings (N, D) of `images` by an `ExemplarInpainter`'s own exemplar encoder (CLIP image encoder + mapper,
+    the vector the UNet is conditioned on)."""
+    side = int(base.image_encoder.config.image_size)
+    p = _param(base.image_encoder)
+    x = _batch(images, (side, side), base.feature_extractor.image_mean, base.feature_extractor.image_std, p.device,
+               p.dtype)
+    return base.encode_exemplar(x)[0][:, 0]
+
+
+def exemplar_i(pred_crops, ref_crops, base, reduction: str = "mean"):
+    """Like CLIP-I, with the inpainting base's own exemplar encoder: cosine similarity, pairwise, averaged. The
+    appearance metric at hand where no CLIP or DINO weights are (the demo base): its encoder tells products apart
+    (bench/subject_fidelity.py reports how well), but it is also what the base is conditioned on, so read it
+    beside CLIP-I/DINO when those are available."""
+    return _cosine(exemplar_embed(pred_crops, base), exemplar_embed(ref_crops, base), reduction)
+
+
+def box_crop(image, box: tuple[int, int, int, int], pad: float = 0.15) -> torch.Tensor:
+    """A square crop (3, S, S) of `image` centred on `box` (x0, y0, x1, y1), its longer side plus `pad` on each
+    side; what lies outside the image is black. For embedding metrics on a placed product."""
+    x = to_tensor01(image)
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x1 > x0 and y1 > y0):
+        raise InvalidArgument(f"box must have x1 > x0 and y1 > y0, got {box}")
+    side = max(1, round(max(x1 - x0, y1 - y0) * (1 + 2 * pad)))
+    left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
+    _, h, w = x.shape
+    out = torch.zeros(3, side, side, dtype=x.dtype)
+    sy0, sx0, sy1, sx1 = max(top, 0), max(left, 0), min(top + side, h), min(left + side, w)
+    if sy1 > sy0 and sx1 > sx0:
+        out[:, sy0 - top:sy1 - top, sx0 - left:sx1 - left] = x[:, sy0:sy1, sx0:sx1]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- FID

@@ -159,6 +159,39 @@ def test_dino(tiny_vit):
     assert E.dino_embed(a, tiny_vit).shape == (2, 32)
 
 
+def test_exemplar_i_uses_the_bases_own_exemplar_encoder():
+    from subjectpaint.base import ExemplarInpainter
+
+    base = ExemplarInpainter.tiny(0)
+    side = base.image_encoder.config.image_size
+    a = [torch.from_numpy(_img(i, side, side)).permute(2, 0, 1).float() / 255 for i in range(3)]
+    b = [torch.from_numpy(_img(10 + i, side, side)).permute(2, 0, 1).float() / 255 for i in range(3)]
+    # at the encoder's size, the embedding is the one the base conditions on (its normalisation, its encoder)
+    fe = base.feature_extractor
+    pixels = (torch.stack(a) - torch.tensor(fe.image_mean).view(1, 3, 1, 1)) / torch.tensor(fe.image_std).view(1, 3, 1, 1)
+    torch.testing.assert_close(E.exemplar_embed(a, base), base.encode_exemplar(pixels)[0][:, 0], rtol=0, atol=1e-5)
+    assert E.exemplar_i(a, a, base) == pytest.approx(1.0, abs=1e-6)
+    ab = E.exemplar_i(a, b, base, reduction="none")
+    assert ab.shape == (3,) and torch.equal(ab, E.exemplar_i(b, a, base, reduction="none"))
+    assert float(ab.max()) < 1.0 - 1e-6
+    with pytest.raises(E.InvalidArgument):
+        E.exemplar_i(a, b[:2], base)
+
+
+def test_box_crop_is_square_centred_on_the_box_and_black_outside_the_image():
+    img = torch.arange(3 * 20 * 30, dtype=torch.float32).reshape(3, 20, 30) / (3 * 20 * 30)
+    crop = E.box_crop(img, (10, 5, 20, 15), pad=0.0)  # a 10 x 10 box: the box itself
+    torch.testing.assert_close(crop, img[:, 5:15, 10:20])
+    crop = E.box_crop(img, (10, 5, 14, 15), pad=0.1)  # 4 x 10 box: side 12, centred on (12, 10)
+    assert crop.shape == (3, 12, 12)
+    torch.testing.assert_close(crop, img[:, 4:16, 6:18])
+    corner = E.box_crop(img, (0, 0, 4, 4), pad=0.5)  # side 8 centred on (2, 2): 2 px off the image on each side
+    assert corner.shape == (3, 8, 8) and corner[:, :2].abs().sum() == 0 and corner[:, :, :2].abs().sum() == 0
+    torch.testing.assert_close(corner[:, 2:, 2:], img[:, :6, :6])
+    with pytest.raises(E.InvalidArgument):
+        E.box_crop(img, (5, 5, 5, 9))
+
+
 class TinyFeatures(torch.nn.Module):
     """A random conv feature extractor: float images in [0, 1] -> (N, 8)."""
 
