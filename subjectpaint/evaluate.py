@@ -28,7 +28,8 @@ from .errors import InvalidArgument, InvalidImage, InvalidMask, WeightsNotFound
 
 __all__ = [
     "to_tensor01", "mask_to_bool", "masked_psnr", "masked_ssim", "background_error", "BackgroundError",
-    "pixel_metrics", "clip_i", "dino", "exemplar_i", "box_crop", "fid", "load_clip", "load_dino", "format_table",
+    "pixel_metrics", "clip_i", "dino", "exemplar_embed", "exemplar_i", "box_crop", "fid", "load_clip", "load_dino",
+    "format_table",
     "CLIP_MODEL", "DINO_MODEL",
 ]
 
