@@ -104,6 +104,15 @@ def contact_shadow(box: tuple[int, int, int, int], height: int, window: tuple[in
     return np.clip(q, 0, 1) ** 1.5
 
 
+def shadow_extent(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """The box (x0, y0, x1, y1) that a product standing at `box` covers together with its `contact_shadow`, clipped
+    to a `width` x `height` image: the shadow's ellipse is wider than the product and reaches 0.7 ry below it."""
+    rx, ry = shadow_radii(box, height)
+    cx = box[0] + (box[2] - box[0]) / 2
+    return (max(0, int(cx - rx)), box[1], min(width, int(np.ceil(cx + rx))),
+            min(height, int(np.ceil(box[3] + 0.7 * ry))))
+
+
 def placement_box(size: tuple[int, int], box: tuple[int, int, int, int],
                   margin: float = 0.04) -> tuple[int, int, int, int]:
     """The mask box for placing a product at `box` (x0, y0, x1, y1; x1/y1 exclusive) in an image of `size` =

@@ -164,8 +164,8 @@ def test_placement_box_grows_the_box_by_the_margin_and_the_shadow_room():
     assert placement_box((64, 64), (20, 10, 40, 50), margin=0.0)[0] == 19  # never less than 1 px
 
 
-def test_contact_shadow_is_dark_under_the_base_line_and_inside_the_placement_box():
-    from subjectpaint.masks import contact_shadow, placement_box
+def test_contact_shadow_is_dark_under_the_base_line_and_inside_the_placement_box_and_its_extent():
+    from subjectpaint.masks import contact_shadow, placement_box, shadow_extent
 
     rng = np.random.default_rng(0)
     for size in (64, 128):
@@ -181,6 +181,10 @@ def test_contact_shadow_is_dark_under_the_base_line_and_inside_the_placement_box
             outside = full.copy()
             outside[y0:y1, x0:x1] = 0
             assert not outside.any()  # the placement mask leaves room for all of it
+            ex0, ey0, ex1, ey1 = shadow_extent(box, size, size)
+            outside = full.copy()
+            outside[ey0:ey1, ex0:ex1] = 0
+            assert not outside.any() and ex0 <= box[0] and ex1 >= box[2]  # so does the extent augmented masks cover
             window = (x0, y0, x1, y1)  # a window gives the same values as the full frame
             np.testing.assert_array_equal(contact_shadow(box, size, window), full[y0:y1, x0:x1])
 

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from subjectpaint.masks import bezier_mask, box_mask, contact_shadow, placement_box, shadow_radii
+from subjectpaint.masks import bezier_mask, box_mask, contact_shadow, placement_box, shadow_extent
 
 from .annotate import Annotation, decontaminate
 
@@ -204,11 +204,10 @@ class SubjectData(Dataset):
         room = room.copy()
         extent = (x, y, x + nw, bottom)
         if self.shadow_p and rng.random() < self.shadow_p:  # a soft ellipse centred on the base line
-            rx, ry = shadow_radii((x, y, x + nw, bottom), S)  # the demo scenes' shadow, inside the placement box
-            shade = rng.uniform(0.45, 0.7) * contact_shadow((x, y, x + nw, bottom), S, (0, 0, S, S))
+            # the demo scenes' shadow, inside the placement box
+            shade = rng.uniform(0.45, 0.7) * contact_shadow(extent, S, (0, 0, S, S))
             room *= 1 - shade[..., None]
-            extent = (max(0, int(x + nw / 2 - rx)), y, min(S, int(np.ceil(x + nw / 2 + rx))),
-                      min(S, int(np.ceil(bottom + 0.7 * ry))))
+            extent = shadow_extent(extent, S, S)
         win = room[y:y + nh, x:x + nw]
         room[y:y + nh, x:x + nw] = win * (1 - matte) + np.clip(product, 0, 1) * matte
         image = PIL.Image.fromarray((room * 255).round().clip(0, 255).astype(np.uint8), "RGB")
