@@ -211,7 +211,6 @@ def fit(module: SubjectLoRAModule, data: L.LightningDataModule, steps: int,
     trainer = make_trainer(steps, workdir, **trainer_kwargs)
     last = Path(workdir) / "last.ckpt" if workdir is not None else None
     ckpt = str(last) if resume and last is not None and last.exists() else None
-    module._shared_home = module._shared_placement()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     finally:
