@@ -257,24 +257,21 @@ def main(argv=None):
             train_s = time.time() - t0
             pictures = ([], []) if index == 0 and args.grid else (None, None)
             g0 = args.guidance[0]
-            base_placed = place(studio, scenes, args.sample_steps, args.seed, images=pictures[0], guidance=g0)
-            base_psnr = base_placed.psnr
+            placed = {"base": place(studio, scenes, args.sample_steps, args.seed, images=pictures[0], guidance=g0)}
+            base_psnr = placed["base"].psnr
             row = {"product": ps, "shape": product.shape, "scenes": len(scenes), "train_s": round(train_s, 1),
                    "base": statistics.fmean(base_psnr)}
             forms = variants(subject, args.energy)
             for name, variant in forms.items():
-                placed = place(studio, scenes, args.sample_steps, args.seed, variant,
-                               images=pictures[1] if name == "int8" else None, guidance=g0)
-                psnr = placed.psnr
-                row[name] = statistics.fmean(psnr)
-                if name == "int8":
-                    appearance = {"app_base": statistics.fmean(base_placed.appearance),
-                                  "app_int8": statistics.fmean(placed.appearance)}
-                if name == "int8" and pictures[1] is not None:
-                    fidelity_grid(args.grid, photos, scenes, *pictures, base_psnr, psnr)
+                placed[name] = place(studio, scenes, args.sample_steps, args.seed, variant,
+                                     images=pictures[1] if name == "int8" else None, guidance=g0)
+                row[name] = statistics.fmean(placed[name].psnr)
                 row[f"{name}_bytes"] = variant.stored_bytes
+            if pictures[1] is not None:
+                fidelity_grid(args.grid, photos, scenes, *pictures, base_psnr, placed["int8"].psnr)
             row["gain"] = row["int8"] - row["base"]
-            row.update(appearance)
+            row["app_base"] = statistics.fmean(placed["base"].appearance)
+            row["app_int8"] = statistics.fmean(placed["int8"].appearance)
             for g in args.guidance[1:]:  # the same adapter, both sides at another guidance scale
                 b = place(studio, scenes, args.sample_steps, args.seed, guidance=g)
                 a = place(studio, scenes, args.sample_steps, args.seed, forms["int8"], guidance=g)
