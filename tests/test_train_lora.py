@@ -1,10 +1,13 @@
 """SubjectLoRAModule: trains only the LoRA, leaves the base untouched, resumes exactly after a kill."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
 
 from subjectpaint.base import ExemplarInpainter
+from subjectpaint.errors import InvalidArgument
 from subjectpaint.demo.scenes import HELDOUT_PRODUCT_SEEDS, Product, make_room, product_photos
 from trainers.annotate import foreground_box
 from trainers.data import SubjectDataModule
@@ -53,26 +56,49 @@ def test_only_lora_trains_and_base_is_untouched(setup):
     assert max(v.abs().max() for k, v in sd.items() if "lora_B" in k) > 0  # B moved off its zero init
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(setup, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_killed_and_resumed_run_equals_uninterrupted(setup, tmp_path, schedule):
     base, data = setup
-    full = SubjectLoRAModule(base, **KW)
+    kw = dict(KW, lr_schedule=schedule)
+    full = SubjectLoRAModule(base, **kw)
     fit(full, data(), 10, progress=False)
     reference = full.lora_state_dict()
 
-    killed = SubjectLoRAModule(base, **KW)
+    killed = SubjectLoRAModule(base, **kw)
     with pytest.raises(Killed):
         fit(killed, data(), 10, tmp_path, every=3, progress=False, callbacks=[Kill(7)])
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6
     assert all(".lora_" in k for k in ckpt["state_dict"])  # checkpoints hold only the adapter
 
-    resumed = SubjectLoRAModule(base, **KW)
+    resumed = SubjectLoRAModule(base, **kw)
     trainer = fit(resumed, data(), 10, tmp_path, every=3, progress=False)
     assert trainer.global_step == 10
     out = resumed.lora_state_dict()
     assert max((out[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
     # and the adapter is not trivially equal to a fresh one
     assert max((out[k] - SubjectLoRAModule(base, **KW).lora_state_dict()[k]).abs().max().item() for k in out) > 1e-3
+
+
+class LrLog(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, *args):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_cosine_schedule_decays_the_lr_to_zero_at_max_steps(setup):
+    base, data = setup
+    log = LrLog()
+    fit(SubjectLoRAModule(base, **dict(KW, lr_schedule="cosine")), data(), 8, progress=False, callbacks=[log])
+    want = [KW["lr"] * (1 + math.cos(math.pi * s / 8)) / 2 for s in range(8)]
+    assert log.lrs == pytest.approx(want, rel=1e-9, abs=1e-12)  # step s trains at the cosine's value at s
+    log = LrLog()
+    fit(SubjectLoRAModule(base, **KW), data(), 3, progress=False, callbacks=[log])
+    assert log.lrs == [KW["lr"]] * 3  # the default stays constant
+    with pytest.raises(InvalidArgument, match="lr_schedule"):
+        SubjectLoRAModule(base, **dict(KW, lr_schedule="linear"))
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])

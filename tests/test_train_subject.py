@@ -73,7 +73,7 @@ def test_strength_scales_the_exported_delta(studio, photos):
     # the whole data recipe is recorded, so the adapter can be reproduced from its file
     assert training["composite_p"] == 1.0 and training["upright"] is True
     assert training["exposure"] == list(DEFAULT_EXPOSURE) and training["accelerator"] == "cpu"
-    assert training["shadow_p"] == 0.7 and training["backgrounds"] == 32
+    assert training["shadow_p"] == 0.7 and training["backgrounds"] == 32 and training["lr_schedule"] == "constant"
     b_keys = [k for k in full.tensors if k.endswith("lora_B.weight")]
     assert b_keys and max(full.tensors[k].abs().max().item() for k in b_keys) > 0
     for k, v in full.tensors.items():
@@ -100,14 +100,15 @@ def corrupt_file(tmp_path):
 
 @pytest.mark.parametrize("case", ["zero photos", "corrupt file", "uniform image", "missing file", "bad name",
                                   "bad rank", "bad composite share", "bad shadow share", "empty cut-out",
-                                  "bad exposure", "bad strength", "bad placement share"])
+                                  "bad exposure", "bad strength", "bad placement share", "bad lr schedule"])
 def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_path, case):
     name, images, kw = "mug", list(photos), {}
     expected = {"zero photos": InvalidArgument, "corrupt file": InvalidImage, "uniform image": InvalidImage,
                 "missing file": InvalidImage, "bad name": InvalidName, "bad rank": InvalidArgument,
                 "bad composite share": InvalidArgument, "bad shadow share": InvalidArgument,
                 "empty cut-out": InvalidImage, "bad exposure": InvalidArgument,
-                "bad strength": InvalidArgument, "bad placement share": InvalidArgument}[case]
+                "bad strength": InvalidArgument, "bad placement share": InvalidArgument,
+                "bad lr schedule": InvalidArgument}[case]
     if case == "zero photos":
         images = []
     elif case == "corrupt file":
@@ -128,6 +129,8 @@ def test_bad_input_raises_typed_error_and_writes_nothing(studio, photos, tmp_pat
         kw["strength"] = 0.0
     elif case == "bad placement share":
         kw["placement_p"] = 2.0
+    elif case == "bad lr schedule":
+        kw["lr_schedule"] = "linear"
     elif case == "empty cut-out":
         images[2] = PIL.Image.new("RGBA", (32, 32), (200, 30, 30, 0))  # transparent everywhere
     else:

@@ -30,6 +30,7 @@ ADAPTER = "subject"
 # The frozen VAE and image encoder stay in eval mode on purpose; Lightning's notice about it is noise here.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def lora_config(rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
@@ -45,14 +46,17 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 class SubjectLoRAModule(L.LightningModule):
     """LoRA on a copy of `base.unet` (the base itself is left untouched).
 
-    rank, alpha (default = rank), dropout, targets: the LoRA; lr, weight_decay: AdamW; drop: condition-drop
-    probability (the paper's 20%); seed: all per-step randomness.
+    rank, alpha (default = rank), dropout, targets: the LoRA; lr, weight_decay: AdamW; lr_schedule: "constant",
+    or "cosine" (the lr decays to 0 at the Trainer's `max_steps`, stepped per optimizer step; constant when the
+    Trainer has no `max_steps`); drop: condition-drop probability (the paper's 20%); seed: all per-step randomness.
     """
 
     def __init__(self, base: ExemplarInpainter, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
                  targets=DEFAULT_TARGETS, lr: float = 1e-3, weight_decay: float = 0.0, drop: float = 0.2,
-                 seed: int = 0):
+                 seed: int = 0, lr_schedule: str = "constant"):
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise InvalidArgument(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         self.save_hyperparameters(ignore=["base"])
         self.vae = base.vae.eval().requires_grad_(False)
         self.image_encoder = base.image_encoder.eval().requires_grad_(False)
@@ -66,6 +70,7 @@ class SubjectLoRAModule(L.LightningModule):
         if self.noise.config.prediction_type not in PREDICTION_TYPES:  # refused before any training
             raise InvalidArgument(f"unknown prediction_type {self.noise.config.prediction_type!r} in the base's scheduler")
         self.lr, self.weight_decay, self.drop, self.seed = lr, weight_decay, drop, seed
+        self.lr_schedule = lr_schedule
         self.strict_loading = False  # checkpoints hold only the LoRA factors (see on_save_checkpoint)
         self._shared_home = None  # [(module, device, dtype)] of the shared VAE and encoder while fitting
 
@@ -129,7 +134,13 @@ class SubjectLoRAModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        steps = self.trainer.max_steps if self._trainer is not None else -1
+        if self.lr_schedule == "constant" or steps is None or steps <= 0:
+            return optimizer
+        # Lightning checkpoints the scheduler with the optimizer, so a resumed run decays exactly as an uninterrupted one
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
     # ------------------------------------------------------------------------------ checkpoints, export
 
