@@ -36,6 +36,20 @@ def test_fallback_matte_covers_the_product_not_the_backdrop():
     assert inside.mean() > 0.95 and outside.mean() < 0.05
 
 
+def test_fallback_matte_keeps_thin_parts_and_drops_specks():
+    # a lamp on a light, noisy backdrop: a 1-px stem joins the shade to the foot; the noise filter (an opening)
+    # removes lines that thin, and only what is still connected to the product may come back
+    rng = np.random.default_rng(0)
+    img = np.full((64, 64, 3), 228.0) + rng.normal(0, 1.5, (64, 64, 1))
+    img[10:24, 20:44] = (60, 120, 200)  # shade
+    img[24:50, 32] = (110, 110, 120)  # stem, 1 px wide
+    img[50:54, 24:41] = (40, 40, 50)  # foot
+    img[4, 58] = (20, 20, 20)  # a speck of dust, not touching the lamp
+    note = foreground_box(PIL.Image.fromarray(img.clip(0, 255).astype(np.uint8)))
+    assert (note.foreground[26:48, 32] > 0.5).all(), note.foreground[24:50, 32].round(2)
+    assert note.foreground[4, 58] == 0 and note.box == (20, 10, 44, 54)
+
+
 def test_fallback_matte_is_soft_on_the_outline_and_close_to_the_true_alpha():
     # the outline's pixels mix product and backdrop; a hard matte (1 on them) was off by 13 % of the product's
     # area on these photos and left a backdrop-coloured halo round every composite

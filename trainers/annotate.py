@@ -7,7 +7,8 @@ is unavailable or unsure the backdrop itself tells where the product is).
 
 `foreground_box(image)` is the fallback: fit the backdrop as a colour plane (per-channel a + b*x + c*y, robust to
 gradients) to the border pixels, mark pixels far from it (noise-scaled threshold, hysteresis to keep soft edges),
-drop specks, fill holes, and take the box. A photo with no such region raises `NoProductFound`.
+drop specks (an opening, then the far pixels still connected to what is left come back: thin parts stay), fill
+holes, and take the box. A photo with no such region raises `NoProductFound`.
 """
 
 from __future__ import annotations
@@ -84,6 +85,17 @@ def _erode(mask: np.ndarray, r: int) -> np.ndarray:
     return ~_dilate(~mask, r)
 
 
+def _grow(seed: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """The pixels of `allowed` 8-connected to `seed` (within `allowed`): a flood fill by repeated 3x3 dilation."""
+    grown = seed & allowed
+    for _ in range(allowed.sum()):
+        nxt = _dilate(grown, 1) & allowed
+        if np.array_equal(nxt, grown):
+            break
+        grown = nxt
+    return grown
+
+
 def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
     """The (x0, y0, x1, y1) box of a non-empty boolean mask (x1, y1 exclusive)."""
     ys, xs = np.nonzero(mask)
@@ -109,10 +121,11 @@ def foreground_box(image: PIL.Image.Image, min_area: float = 0.002, max_area: fl
         raise NoProductFound(f"photo is too small ({w}x{h})")
     width = max(1, round(0.02 * min(h, w)))
     resid, noise, plane = _plane_residual(img, width)
-    strong = resid > max(8.0 * noise, 12.0)
-    strong = _dilate(_erode(strong, 1), 1) if min(h, w) >= 24 else strong  # opening: no isolated noise pixels
+    above = resid > max(8.0 * noise, 12.0)
+    strong = _dilate(_erode(above, 1), 1) if min(h, w) >= 24 else above  # opening: no isolated noise pixels
     if strong.sum() < max(4, min_area * h * w):
         raise NoProductFound("no region differs from the photo's backdrop (a uniform or near-uniform image?)")
+    strong = _grow(strong, above)  # thin parts the opening took (a lamp's stem, chair legs) are still connected
     weak = resid > max(6.0 * noise, 6.0)
     core = strong
     for _ in range(2):  # hysteresis: soft edge pixels adjacent to the core belong to the product
