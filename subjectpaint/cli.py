@@ -81,6 +81,7 @@ def cmd_train(args) -> int:
                                 new_version=args.new_version, storage=args.storage, seed=args.seed,
                                 registry=registry, workdir=args.workdir, progress=not args.quiet,
                                 detector=None if args.no_detr else args.detector,
+                                lr_schedule=args.lr_schedule,
                                 **({"lr": args.lr} if args.lr is not None else {}),
                                 **({"strength": args.strength} if args.strength is not None else {}))
     if not args.quiet:
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default 4e-3, for the demo base on a CPU; the paper's 3e-5 for a full-size base)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="constant (default) or cosine decay to 0 at the last step (steadier; better at strength 1)")
     p.add_argument("--strength", type=float, default=None,
                    help="fraction of the trained weight delta to export (default 0.6, chosen on the demo base)")
     p.add_argument("--new-version", action="store_true", help="add a version to an existing name")

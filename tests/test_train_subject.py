@@ -176,11 +176,12 @@ def test_cli_train(tmp_path, photos, capsys):
     assert main(argv) == 0
     assert main(argv) == 1  # the name is taken now
     assert "SubjectExists" in capsys.readouterr().err
-    assert main(argv + ["--new-version", "--lr", "3e-5", "--strength", "0.8"]) == 0
+    assert main(argv + ["--new-version", "--lr", "3e-5", "--strength", "0.8", "--lr-schedule", "cosine"]) == 0
     with Registry(store[1], store[3]) as registry:
         record = registry.get("lamp")
         assert record.version == 2
         training = record.metadata["training"]
         training = json.loads(training) if isinstance(training, str) else training
         assert training["lr"] == 3e-5 and training["steps"] == 2 and training["strength"] == 0.8
+        assert training["lr_schedule"] == "cosine"
     assert main(["train", "bad", str(tmp_path / "missing.png"), "--base", "tiny", "-q", *store]) == 1
