@@ -190,7 +190,7 @@ class Subject:
         from trainers.annotate import Annotator, NoProductFound, from_alpha
         from trainers import export
         from trainers.data import SubjectDataModule, check_exposure
-        from trainers.lora_module import LR_SCHEDULES, SubjectLoRAModule, accelerator_for, fit
+        from trainers.lora_module import SubjectLoRAModule, accelerator_for, check_lr_schedule, fit
 
         # 1. Check inputs: nothing is trained or written on bad input
         validate_name(name)
@@ -200,8 +200,7 @@ class Subject:
             raise InvalidArgument("Subject.train needs at least one product photo (2-4 recommended)")
         if storage not in STORAGE:
             raise InvalidArgument(f"storage must be one of {STORAGE}, got {storage!r}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise InvalidArgument(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        check_lr_schedule(lr_schedule)
         for what, p in (("composite_p", composite_p), ("placement_p", placement_p), ("shadow_p", shadow_p)):
             if not 0.0 <= float(p) <= 1.0:
                 raise InvalidArgument(f"{what} must be in [0, 1], got {p}")

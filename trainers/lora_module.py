@@ -33,6 +33,13 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def check_lr_schedule(lr_schedule: str) -> str:
+    """`lr_schedule` if it is one of LR_SCHEDULES; InvalidArgument otherwise."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise InvalidArgument(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    return lr_schedule
+
+
 def lora_config(rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
                 targets=DEFAULT_TARGETS) -> LoraConfig:
     return LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank), lora_dropout=float(dropout),
@@ -55,8 +62,7 @@ class SubjectLoRAModule(L.LightningModule):
                  targets=DEFAULT_TARGETS, lr: float = 1e-3, weight_decay: float = 0.0, drop: float = 0.2,
                  seed: int = 0, lr_schedule: str = "constant"):
         super().__init__()
-        if lr_schedule not in LR_SCHEDULES:
-            raise InvalidArgument(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        check_lr_schedule(lr_schedule)
         self.save_hyperparameters(ignore=["base"])
         self.vae = base.vae.eval().requires_grad_(False)
         self.image_encoder = base.image_encoder.eval().requires_grad_(False)
@@ -136,7 +142,7 @@ class SubjectLoRAModule(L.LightningModule):
         params = [p for p in self.unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         steps = self.trainer.max_steps if self._trainer is not None else -1
-        if self.lr_schedule == "constant" or steps is None or steps <= 0:
+        if self.lr_schedule == "constant" or steps <= 0:
             return optimizer
         # Lightning checkpoints the scheduler with the optimizer, so a resumed run decays exactly as an uninterrupted one
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
