@@ -144,7 +144,7 @@ def oracle_subject(base, product, k: int, n: int, args, steps: int, lr: float) -
 
     data.dataset = Scenes()
     module = SubjectLoRAModule(base, rank=args.rank, dropout=args.dropout, targets=tuple(args.targets), lr=lr,
-                               seed=args.seed)
+                               seed=args.seed, lr_schedule=args.lr_schedule)
     fit(module, data, steps, progress=False)
     meta = export.build_metadata(rank=args.rank, alpha=float(args.rank), targets=tuple(args.targets),
                                  base_fingerprint=base.fingerprint(), subject=f"oracle{product.seed}")
@@ -187,6 +187,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: Subject.train's)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--targets", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
@@ -248,8 +249,8 @@ def main(argv=None):
                 subject = oracle_subject(base, product, index, args.oracle, args, steps, lr)
             else:
                 subject = Subject.train(photos, f"p{ps}", studio, rank=args.rank, steps=steps, batch_size=args.batch,
-                                        lr=lr, strength=args.strength, dropout=args.dropout, seed=args.seed,
-                                        targets=tuple(args.targets),
+                                        lr=lr, lr_schedule=args.lr_schedule, strength=args.strength,
+                                        dropout=args.dropout, seed=args.seed, targets=tuple(args.targets),
                                         storage="fp32", detector=None, composite_p=args.composite_p,
                                         placement_p=args.placement_p,
                                         shadow_p=args.shadow_p, upright=not args.no_upright, exposure=args.exposure,
@@ -306,7 +307,7 @@ def main(argv=None):
         "products": len(rows), "scenes_per_product": args.scenes, "photos": args.photos, "cutouts": args.cutouts,
         "exposure": list(args.exposure),
         "oracle_scenes": args.oracle,
-        "train_steps": steps, "lr": lr, "strength": args.strength,
+        "train_steps": steps, "lr": lr, "lr_schedule": args.lr_schedule, "strength": args.strength,
         "rank": args.rank, "targets": args.targets, "dropout": args.dropout, "composite_p": args.composite_p,
         "placement_p": args.placement_p,
         "shadow_p": args.shadow_p, "upright": not args.no_upright, "batch": args.batch, "sample_steps": args.sample_steps,

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default 4e-3, for the demo base on a CPU; the paper's 3e-5 for a full-size base)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                   help="constant (default) or cosine decay to 0 at the last step (steadier; better at strength 1)")
+                   help="constant (default) or cosine decay to 0 at the last step")
     p.add_argument("--strength", type=float, default=None,
                    help="fraction of the trained weight delta to export (default 0.6, chosen on the demo base)")
     p.add_argument("--new-version", action="store_true", help="add a version to an existing name")

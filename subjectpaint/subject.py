@@ -32,10 +32,9 @@ DEFAULT_STEPS = 300
 # --validate: 1e-3 -0.09 dB, 2e-3 +0.55, 4e-3 +0.90, 8e-3 worse). The paper's 3e-5 (batch 16, 40 epochs on a GPU) is
 # the setting for a full-size base.
 DEFAULT_LR = 4e-3
-# lr_schedule="cosine" (decay to 0 at the last step), validation products 1-6 x 10 scenes, one run each: +1.23 dB at
-# strength 0.6 (constant: +1.29), +0.92 at strength 1.0 (constant: +0.41, the five products run at 1.0). It is steadier:
-# one extra random draw in the data stream moved the first three products' mean by 0.60 dB with a constant lr and by
-# 0.09 with cosine. Not the default, since it is no better at the default strength.
+# lr_schedule="cosine" (decay to 0 at the last step), 12 validation products x 10 scenes, training seeds 0 and 1:
+# +0.91 dB at strength 0.6 (constant: +0.98), +0.67 at 1.0 (constant: +0.61); seed to seed a product moves by 0.20 dB
+# on average with either schedule. Not the default: no better at the default strength, and no steadier.
 # The adapter is exported at this fraction of its trained weight delta (folded into B; the LoRA scale that diffusers
 # users set by hand). Interpolating toward the base is WiSE-FT's remedy for a fine-tune whose training images differ
 # from where it is used. At full strength the 300-step adapter overshoots. Validation products
@@ -177,8 +176,8 @@ class Subject:
         `shadow_p`: the share of composites with a contact shadow under the product (painted inside the mask, as a
         placement must); `exposure`: the range of the brightness factor on the composited product (product photos
         are usually lit brighter than the rooms they go into);
-        `lr_schedule`: "constant" (default) or "cosine" (decays to 0 at the last step; steadier from seed to seed
-        and better at strength 1, no better at the default strength: see the note at DEFAULT_LR);
+        `lr_schedule`: "constant" (default) or "cosine" (decays to 0 at the last step; no better at the default
+        strength on the demo base: see the note at DEFAULT_LR);
         `strength`: the fraction of the trained weight delta that is exported (folded into the LoRA B factors;
         DEFAULT_STRENGTH was chosen on the demo base's validation products). Training runs where the base lives
         (its CUDA device, MPS or the CPU; `trainer_kwargs` go to Lightning's Trainer and override that), and the base
