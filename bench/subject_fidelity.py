@@ -47,6 +47,7 @@ from subjectpaint.demo.scenes import (HELDOUT_PRODUCT_SEEDS, TRAIN_SEEDS, Produc
 from subjectpaint.evaluate import box_crop, exemplar_embed, exemplar_i, format_table, masked_psnr  # noqa: E402
 from subjectpaint.subject import Subject  # noqa: E402
 from trainers import export  # noqa: E402
+from trainers.lora_module import LR_SCHEDULES  # noqa: E402
 
 VALIDATION_PRODUCTS = range(70_000_000, 70_000_100)  # in neither product split
 
@@ -187,7 +188,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: Subject.train's)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    ap.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--targets", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
@@ -217,8 +218,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     # validation: 12 products, so that a 0.15 dB difference between two settings is outside the noise of training
     # (seed to seed a product moves 0.2 dB on average, the 12-product mean 0.06 dB)
-    args.products = args.products or (12 if args.validate else 5)
-    args.scenes = args.scenes or (10 if args.validate else 20)
+    if args.products is None:
+        args.products = 12 if args.validate else 5
+    if args.scenes is None:
+        args.scenes = 10 if args.validate else 20
     if args.quick:
         args.products, args.scenes, args.steps, args.sample_steps = 2, 4, args.steps or 40, 10
         args.grid = ""
