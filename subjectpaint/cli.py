@@ -7,6 +7,7 @@ import sys
 
 from adapters_store.cli import add_commands, store_options
 
+from .choices import DEFAULT_SCHEDULE, DEFAULT_SCHEDULER, SCHEDULERS, SCHEDULES
 from .errors import ERRORS
 
 
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _base_options(p)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the base's default)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    p.add_argument("--scheduler", default=None, help="pndm (default), ddim, dpm++, euler, euler_a, lms, unipc")
+    p.add_argument("--scheduler", default=None, choices=tuple(SCHEDULERS), help=f"default {DEFAULT_SCHEDULER}")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-paste-back", action="store_true", help="return the raw generated image everywhere")
     p.add_argument("--dilate", type=int, default=None, help="paste-back: px around the mask fully regenerated "
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="also write the session's step grid here")
     p.add_argument("--session", choices=("progressive", "dual"), default="progressive",
                    help="progressive (PIXELS, soft maps) or dual (ViMAEdit dual branch)")
-    p.add_argument("--schedule", choices=("linear", "log", "cubic", "sigmoid"), default="linear",
+    p.add_argument("--schedule", choices=tuple(SCHEDULES), default=DEFAULT_SCHEDULE,
                    help="progressive: threshold schedule of the edit map")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
