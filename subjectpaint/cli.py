@@ -17,9 +17,20 @@ def _load_studio(args):
     return Studio.load(args.base, device=args.device)  # None: the demo base; "tiny": a random tiny one
 
 
+def _write(placement, args) -> int:
+    """The placement to -o (and its grid to --grid)."""
+    from .result import save_image
+
+    path = placement.save(args.output)
+    if args.grid:
+        save_image(placement.grid(), args.grid)
+    if not args.quiet:
+        print(f"wrote {path}" + (f" and {args.grid}" if args.grid else ""))
+    return 0
+
+
 def cmd_inpaint(args) -> int:
     from .masks import PasteBack
-    from .result import save_image
 
     studio = _load_studio(args)
     placement = studio.inpaint(
@@ -33,12 +44,7 @@ def cmd_inpaint(args) -> int:
         paste_back=PasteBack(enabled=not args.no_paste_back, dilate=args.dilate, feather=args.feather),
         progress=not args.quiet,
     )
-    path = placement.save(args.output)
-    if args.grid:
-        save_image(placement.grid(), args.grid)
-    if not args.quiet:
-        print(f"wrote {path}" + (f" and {args.grid}" if args.grid else ""))
-    return 0
+    return _write(placement, args)
 
 
 def cmd_demo(args) -> int:
@@ -95,7 +101,6 @@ def cmd_train(args) -> int:
 def cmd_place(args) -> int:
     from adapters_store import Registry
 
-    from .result import save_image
     from .subject import Subject
 
     studio = _load_studio(args)
@@ -107,12 +112,7 @@ def cmd_place(args) -> int:
             placement = studio.dual_branch(**options).place(subject, args.room, args.mask)
         else:
             placement = studio.progressive(schedule=args.schedule, **options).place(subject, args.room, args.mask)
-    path = placement.save(args.output)
-    if args.grid:
-        save_image(placement.grid(), args.grid)
-    if not args.quiet:
-        print(f"wrote {path}" + (f" and {args.grid}" if args.grid else ""))
-    return 0
+    return _write(placement, args)
 
 
 def cmd_serve(args) -> int:

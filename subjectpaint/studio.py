@@ -1,4 +1,7 @@
-"""Studio: holds the base model (and later the registry and adapter slots) and runs placements."""
+"""Studio: holds the base model, the registry handle and the adapter slots; runs placements and makes sessions.
+
+Subjects and adapters come in through one resolver (`subjectpaint.sources`); the sessions use the studio only
+through `resolve`, `subjects`, `laid_out`, `slots`, `sampler`, `base` and `default_steps`, and never import it."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from .errors import InvalidArgument
 from .images import ImageInput, load_exemplar, load_image, load_mask, mask_to_pil, pil_to_tensor, tensor_to_pil
 from .masks import PasteBack
 from .result import Placement
-from .sampler import DEFAULT_SCHEDULER, Sampler
+from .choices import DEFAULT_SCHEDULER
+from .sampler import Sampler
 from .sessions.dual_branch import DualBranchSession
 from .sessions.progressive import ProgressiveSession
 from .slots import Slots
