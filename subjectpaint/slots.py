@@ -26,9 +26,10 @@ import torch
 import torch.nn as nn
 from adapters_store import adapter_file
 
+from .base import LORA_TARGETS
 from .errors import BaseMismatch, InvalidAdapter
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_TARGETS = LORA_TARGETS
 
 
 # ------------------------------------------------------------------------------------------- adapters

@@ -17,6 +17,7 @@ from adapters_store import Registry
 from adapters_store.adapter_file import diffusers_metadata
 
 from subjectpaint import Studio, Subject, sources
+from subjectpaint.base import LORA_TARGETS as TARGETS
 from subjectpaint.errors import InvalidArgument
 from subjectpaint.serve.config import ServeConfig
 from subjectpaint.serve.worker import PlaceAPI
@@ -24,7 +25,6 @@ from subjectpaint.serve.worker import PlaceAPI
 from .conftest import box_mask_image, random_image
 
 STEPS = 2
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def _data_uri(image: PIL.Image.Image) -> str:
