@@ -1,6 +1,6 @@
 """One adapter, every entry point, every form it may come in (subjectpaint.sources): a "name@version" string, a
-`Subject.load`, a `Subject.from_file`, an in-memory `Subject` built from tensors, and the serve worker's resolve
-path. Per entry point the placements agree (<= 1 uint8), and the adapter changes the placement."""
+registry record, a `Subject.load`, a `Subject.from_file`, an in-memory `Subject` built from tensors (what
+`Subject.train` returns is a `Subject.load`-like one: record and tensors), and the serve worker's resolve path. Per entry point the placements agree (<= 1 uint8), and the adapter changes the placement."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def setup(tmp_path_factory):
     path = in_memory.save(tmp / "mug.safetensors")
     forms = {
         "ref": "mug@1",
+        "record": registry.get("mug@latest"),
         "load": Subject.load("mug@1", studio, registry=registry),
         "file": Subject.from_file(path),
         "memory": in_memory,
