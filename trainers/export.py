@@ -32,6 +32,11 @@ from adapters_store.errors import AdapterFileError  # noqa: F401
 
 from . import TRAINER_VERSION
 
+__all__ = [
+    "AdapterFileError", "SCALE_SUFFIX", "build_metadata", "cast", "check", "compress", "dequantize",
+    "diffusers_metadata", "fold_scale", "peft_config_kwargs", "quantize_int8", "read_file", "truncate", "write_file",
+]
+
 
 def fold_scale(tensors: Mapping[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
     """B <- (alpha / rank) * B, so the stored factors are the exact weight delta B @ A (scale 1)."""
