@@ -32,17 +32,30 @@ class WorkFrame:
         return cls.fit(size, resolution or base.resolution, max(8, base.vae_scale_factor))
 
     def to_work(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image (1, 3, H, W) in [-1, 1], mask (H, W) -> (1, 3, h', w'), (1, 1, h', w') on the work grid."""
-        mask = mask[None, None]
+        """image (1, 3, H, W) in [-1, 1], mask (H, W) -> (1, 3, h', w'), (1, 1, h', w') on the work grid; a work
+        pixel the mask touches at all stays editable."""
+        return self.image_to_work(image), (self.map_to_work(mask[None, None]) > 0).float()
+
+    def image_to_work(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 3, h', w'): bicubic (antialiased) down, edge-replicated padding."""
         if self.scaled != self.original:
             w, h = self.scaled
             image = F.interpolate(image, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-            mask = (F.interpolate(mask, size=(h, w), mode="area") > 0).float()  # any touched pixel stays editable
+        return self._pad(image, "replicate")
+
+    def map_to_work(self, maps: torch.Tensor, pad: str = "constant") -> torch.Tensor:
+        """(B, C, H, W) soft maps in [0, 1] -> (B, C, h', w'): area-averaged down, padded with 0 ("constant") or
+        edge-replicated ("replicate")."""
+        if self.scaled != self.original:
+            w, h = self.scaled
+            maps = F.interpolate(maps, size=(h, w), mode="area")
+        return self._pad(maps, pad)
+
+    def _pad(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         pad = (0, self.padded[0] - self.scaled[0], 0, self.padded[1] - self.scaled[1])
-        if any(pad):
-            image = F.pad(image, pad, mode="replicate")
-            mask = F.pad(mask, pad, value=0.0)
-        return image, mask
+        if not any(pad):
+            return x
+        return F.pad(x, pad, mode="replicate") if mode == "replicate" else F.pad(x, pad, value=0.0)
 
     def from_work(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, h', w') in [0, 1] -> (B, 3, H, W): crop the padding, scale back up."""

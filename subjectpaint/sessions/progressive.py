@@ -423,19 +423,8 @@ def downsample_map_area(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
 
 def _to_work(frame, x: torch.Tensor, kind: str, pad: str | None = None) -> torch.Tensor:
-    """(B, C, H, W) image in [-1, 1] or soft maps in [0, 1] onto the work grid: scaled (bicubic / area), padded
-    (edge-replicated image, 0 map) like WorkFrame.to_work, but the maps stay soft."""
-    if frame.scaled != frame.original:
-        w, h = frame.scaled
-        if kind == "image":
-            x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-        else:
-            x = F.interpolate(x, size=(h, w), mode="area")
-    mode = pad or ("replicate" if kind == "image" else "constant")
-    pad = (0, frame.padded[0] - frame.scaled[0], 0, frame.padded[1] - frame.scaled[1])
-    if any(pad):
-        x = F.pad(x, pad, mode="replicate") if mode == "replicate" else F.pad(x, pad, value=0.0)
-    return x
+    """(B, C, H, W) image in [-1, 1] or soft maps in [0, 1] onto the work grid (the maps stay soft)."""
+    return frame.image_to_work(x) if kind == "image" else frame.map_to_work(x, pad or "constant")
 
 
 def _loop_length(base, scheduler, steps: int) -> int:
