@@ -17,6 +17,10 @@ class InvalidAdapter(StoreError, ValueError):
     """Tensors, metadata or an adapter file given to the store are not acceptable."""
 
 
+class AdapterFileError(InvalidAdapter):
+    """An adapter file or tensor set that is not a valid interchange adapter (``adapters_store.adapter_file``)."""
+
+
 class AdapterNotFound(StoreError, LookupError):
     """No adapter matches the name or ``name@version``."""
 

@@ -158,7 +158,7 @@ class Registry(TenantAdmin):
         written: a bad name, tensor, metadata or file raises and leaves no row and no blob."""
         validate_name(name)
         if isinstance(tensors_or_file, (str, os.PathLike)):
-            tensors, file_meta = adapter_file.read_file(tensors_or_file)
+            tensors, file_meta = adapter_file.read_raw(tensors_or_file)
             given = {k: v for k, v in file_meta.items() if k not in adapter_file.ENTRY_KEYS}
             given.update(metadata or {})
         else:
@@ -214,7 +214,7 @@ class Registry(TenantAdmin):
 
     def import_(self, path: str | os.PathLike, name: str | None = None) -> AdapterRecord:
         """Register an interchange file; the name comes from its ``subject`` metadata unless given."""
-        tensors, meta = adapter_file.read_file(path)
+        tensors, meta = adapter_file.read_raw(path)
         name = name or meta.get("subject")
         if not name:
             raise InvalidName(f"{os.fspath(path)!r} has no 'subject' metadata; pass name=")

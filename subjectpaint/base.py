@@ -22,6 +22,7 @@ from .errors import InvalidArgument, WeightsNotFound
 HUB_ID = "Fantasy-Studio/Paint-by-Example"
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
 COMPONENTS = ("vae", "unet", "image_encoder", "scheduler", "feature_extractor")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet attention projections a subject's LoRA adapts
 
 
 @dataclass

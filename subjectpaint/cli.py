@@ -7,6 +7,7 @@ import sys
 
 from adapters_store.cli import add_commands, store_options
 
+from .choices import DEFAULT_SCHEDULE, DEFAULT_SCHEDULER, SCHEDULERS, SCHEDULES
 from .errors import ERRORS
 
 
@@ -16,9 +17,20 @@ def _load_studio(args):
     return Studio.load(args.base, device=args.device)  # None: the demo base; "tiny": a random tiny one
 
 
+def _write(placement, args) -> int:
+    """The placement to -o (and its grid to --grid)."""
+    from .result import save_image
+
+    path = placement.save(args.output)
+    if args.grid:
+        save_image(placement.grid(), args.grid)
+    if not args.quiet:
+        print(f"wrote {path}" + (f" and {args.grid}" if args.grid else ""))
+    return 0
+
+
 def cmd_inpaint(args) -> int:
     from .masks import PasteBack
-    from .result import save_image
 
     studio = _load_studio(args)
     placement = studio.inpaint(
@@ -32,12 +44,7 @@ def cmd_inpaint(args) -> int:
         paste_back=PasteBack(enabled=not args.no_paste_back, dilate=args.dilate, feather=args.feather),
         progress=not args.quiet,
     )
-    path = placement.save(args.output)
-    if args.grid:
-        save_image(placement.grid(), args.grid)
-    if not args.quiet:
-        print(f"wrote {path}" + (f" and {args.grid}" if args.grid else ""))
-    return 0
+    return _write(placement, args)
 
 
 def cmd_demo(args) -> int:
@@ -94,7 +101,6 @@ def cmd_train(args) -> int:
 def cmd_place(args) -> int:
     from adapters_store import Registry
 
-    from .result import save_image
     from .subject import Subject
 
     studio = _load_studio(args)
@@ -106,12 +112,7 @@ def cmd_place(args) -> int:
             placement = studio.dual_branch(**options).place(subject, args.room, args.mask)
         else:
             placement = studio.progressive(schedule=args.schedule, **options).place(subject, args.room, args.mask)
-    path = placement.save(args.output)
-    if args.grid:
-        save_image(placement.grid(), args.grid)
-    if not args.quiet:
-        print(f"wrote {path}" + (f" and {args.grid}" if args.grid else ""))
-    return 0
+    return _write(placement, args)
 
 
 def cmd_serve(args) -> int:
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _base_options(p)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the base's default)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    p.add_argument("--scheduler", default=None, help="pndm (default), ddim, dpm++, euler, euler_a, lms, unipc")
+    p.add_argument("--scheduler", default=None, choices=tuple(SCHEDULERS), help=f"default {DEFAULT_SCHEDULER}")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-paste-back", action="store_true", help="return the raw generated image everywhere")
     p.add_argument("--dilate", type=int, default=None, help="paste-back: px around the mask fully regenerated "
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="also write the session's step grid here")
     p.add_argument("--session", choices=("progressive", "dual"), default="progressive",
                    help="progressive (PIXELS, soft maps) or dual (ViMAEdit dual branch)")
-    p.add_argument("--schedule", choices=("linear", "log", "cubic", "sigmoid"), default="linear",
+    p.add_argument("--schedule", choices=tuple(SCHEDULES), default=DEFAULT_SCHEDULE,
                    help="progressive: threshold schedule of the edit map")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)

@@ -35,6 +35,7 @@ class BaseMismatch(SubjectPaintError):
 # one import away for users. Catch `(SubjectPaintError, StoreError)` to catch everything raised on purpose.
 from adapters_store.errors import (  # noqa: E402,F401
     AdapterCorrupt,
+    AdapterFileError,
     AdapterNotFound,
     InvalidAdapter,
     InvalidKey,

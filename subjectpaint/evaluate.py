@@ -23,6 +23,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from transformers.image_utils import OPENAI_CLIP_MEAN as _CLIP_MEAN, OPENAI_CLIP_STD as _CLIP_STD
 
 from .errors import InvalidArgument, InvalidImage, InvalidMask, WeightsNotFound
 
@@ -35,8 +36,6 @@ __all__ = [
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 DINO_MODEL = "vit_small_patch16_224.dino"
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ------------------------------------------------------------------------------------------ inputs

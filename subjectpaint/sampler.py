@@ -5,6 +5,7 @@ latents, mask latents, denoise, decode. With no hooks it is numerically the loop
 `PaintByExamplePipeline` (tests/test_parity.py proves it). Sessions extend it only through hooks, which are
 called at fixed, visible points of the loop:
 
+    hook.bind(context)                     once, before anything: the call's scheduler, steps, generator (`HookContext`)
     hook.begin(unet, timesteps)            before the first step (install attention processors, ...)
     latents = hook.before_step(i, t, latents)   before the UNet call of step i
     noise_pred = hook.after_noise_pred(i, t, noise_pred)   the (guided) noise prediction, before the step
@@ -22,42 +23,27 @@ import contextlib
 import inspect
 from dataclasses import dataclass, field
 
+import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from .choices import DEFAULT_SCHEDULER, SCHEDULERS
 from .errors import InvalidArgument
-
-SCHEDULERS = {
-    "pndm": (PNDMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
 
 
 def make_scheduler(name_or_scheduler, config):
     """A fresh scheduler: by name (see `SCHEDULERS`) from the base's config, or an instance's own copy."""
     if name_or_scheduler is None:
-        name_or_scheduler = "pndm"
+        name_or_scheduler = DEFAULT_SCHEDULER
     if isinstance(name_or_scheduler, str):
         key = name_or_scheduler.lower()
         if key not in SCHEDULERS:
             raise InvalidArgument(f"unknown scheduler {name_or_scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        cls, overrides = SCHEDULERS[key]
+        class_name, overrides = SCHEDULERS[key]
+        cls = getattr(diffusers, class_name)
         if cls is DDIMScheduler and "clip_sample" not in config:
             # DDIM's own default clips the predicted x0 to [-1, 1], which is for pixel-space models; latents are
             # not bounded so (Stable Diffusion's configs say clip_sample false), and a config without the key
@@ -73,8 +59,31 @@ class SamplerOutput:
     latents: torch.Tensor  # (B, C, h, w) final latents
 
 
+@dataclass(frozen=True)
+class HookContext:
+    """What the sampler tells every hook about the call, before the loop (`SamplerHook.bind`)."""
+
+    unet: torch.nn.Module
+    scheduler: object  # this call's own scheduler, timesteps set
+    timesteps: torch.Tensor
+    generator: torch.Generator | list[torch.Generator] | None
+    device: torch.device  # of the latents
+    dtype: torch.dtype
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.timesteps)
+
+    def randn(self, shape) -> torch.Tensor:
+        """Noise from the call's generator, drawn as the sampler draws its own (same device and dtype)."""
+        return randn_tensor(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+
+
 class SamplerHook:
     """Base class of the sampler's extension points; every method is optional."""
+
+    def bind(self, context: HookContext) -> None:
+        """Called once per call, before `begin`: take what the hook needs from the call (scheduler, steps, ...)."""
 
     def begin(self, unet, timesteps) -> None: ...
 
@@ -100,19 +109,35 @@ class LatentStart(SamplerHook):
     (0 = from the first step; >= the number of steps = never, the clean source is kept).
 
     start_step: (B, 1, h, w) integer steps; source: (B, C, h, w) clean latents; noise: the noise the source is
-    noised with (default: fresh noise drawn from the sampler's generator at `begin`).
+    noised with (default: drawn from the sampler's generator at `bind`), or `seed`: that noise regenerated from a
+    generator seeded so whenever it is needed instead of kept (memory).
     """
 
     start_step: torch.Tensor
     source: torch.Tensor
     noise: torch.Tensor | None = None
-    scheduler: object = field(default=None, repr=False)  # set by the sampler
+    seed: int | None = None
+    scheduler: object = field(default=None, repr=False)  # set at `bind`
+    n_steps: int = field(default=0, repr=False)
+
+    def bind(self, context):
+        self.scheduler, self.n_steps = context.scheduler, context.n_steps
+        if self.noise is None and self.seed is None:
+            self.noise = context.randn(self.source.shape)
+        self.start_step = self.start_step.to(context.device)
+        self.source = self.source.to(device=context.device, dtype=context.dtype)
+
+    def source_noise(self) -> torch.Tensor:
+        if self.noise is not None:
+            return self.noise
+        g = [torch.Generator(device=self.source.device).manual_seed(self.seed)]
+        return randn_tensor(self.source.shape, generator=g, device=self.source.device, dtype=self.source.dtype)
 
     def before_step(self, i, t, latents):
         held = self.start_step > i
         if not bool(held.any()):
             return latents
-        noised = self.scheduler.add_noise(self.source, self.noise, torch.as_tensor(t).reshape(1))
+        noised = self.scheduler.add_noise(self.source, self.source_noise(), torch.as_tensor(t).reshape(1))
         return torch.where(held, noised.to(latents.dtype), latents)
 
     def finish(self, latents):
@@ -192,8 +217,9 @@ class Sampler:
 
         # 6. Denoise
         step_kwargs = self.prepare_step_kwargs(scheduler, generator, eta)
+        context = HookContext(base.unet, scheduler, timesteps, generator, latents.device, latents.dtype)
         for hook in hooks:
-            self._bind(hook, scheduler, latents, generator, len(timesteps))
+            hook.bind(context)
         with self._hooks_installed(hooks, timesteps):
             for i, t in enumerate(tqdm(timesteps, disable=not self.progress, desc="denoising", leave=False)):
                 for hook in hooks:
@@ -300,16 +326,6 @@ class Sampler:
         return kwargs
 
     # ------------------------------------------------------------------ hooks
-
-    @staticmethod
-    def _bind(hook, scheduler, latents, generator, n_steps):
-        if isinstance(hook, LatentStart):
-            hook.scheduler = scheduler
-            hook.n_steps = n_steps
-            if hook.noise is None:
-                hook.noise = randn_tensor(hook.source.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-            hook.start_step = hook.start_step.to(latents.device)
-            hook.source = hook.source.to(device=latents.device, dtype=latents.dtype)
 
     @contextlib.contextmanager
     def _hooks_installed(self, hooks, timesteps):

@@ -19,17 +19,17 @@ as one rank-K*R factor pair per layer and scales each rank block per token by it
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from adapters_store import adapter_file
 
+from .base import LORA_TARGETS
 from .errors import BaseMismatch, InvalidAdapter
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_TARGETS = LORA_TARGETS
 
 
 # ------------------------------------------------------------------------------------------- adapters
@@ -50,96 +50,15 @@ class Adapter:
 
     @classmethod
     def from_state_dict(cls, state_dict: dict, metadata: dict | None = None, name: str = "adapter") -> "Adapter":
-        """PEFT / diffusers (`unet.` prefix, lora_A/lora_B), old diffusers (lora.down/lora.up) and kohya
-        (lora_unet_*.lora_down/lora_up + .alpha) state dicts, converted once."""
+        """Any LoRA state dict `adapters_store.adapter_file` reads (PEFT / diffusers keys with or without the
+        `unet.` prefix, old diffusers, kohya; int8 dequantized), converted once."""
         metadata = dict(metadata or {})
-        sd = dict(state_dict)
-        if any(t.dtype == torch.int8 for t in sd.values()):  # int8 interchange files: dequantize once
-            from trainers.export import dequantize
-
-            sd = dequantize(sd)
-        alphas: dict[str, float] = {}
-        if any(k.startswith("lora_unet_") for k in sd):  # kohya: alphas per module, converted by diffusers
-            from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
-
-            kohya_alphas = {k[: -len(".alpha")]: float(v) for k, v in sd.items() if k.endswith(".alpha")}
-            sd, _ = _convert_non_diffusers_lora_to_diffusers(sd)
-            sd = {k: v for k, v in sd.items() if k.startswith("unet.")}
-            for kname, value in kohya_alphas.items():
-                path = _kohya_path(kname)
-                if path:
-                    alphas[path] = value
-        if sd and not any(".lora_A." in k or ".lora_B." in k for k in sd):  # old diffusers attn-processor keys
-            from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
-            sd = convert_unet_state_dict_to_peft(sd)
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in sd.items():
-            m = _KEY.match(key)
-            if not m:
-                raise InvalidAdapter(f"unrecognised LoRA key {key!r}")
-            path, kind = m.group("path"), m.group("kind")
-            slot = "A" if kind in ("lora_A", "lora.down", "lora_down") else "B"
-            pairs.setdefault(path, {})[slot] = tensor
-        peft_meta = _peft_metadata(metadata)
-        factors = {}
-        for path, ab in pairs.items():
-            if set(ab) != {"A", "B"}:
-                raise InvalidAdapter(f"{path}: LoRA needs both A (down) and B (up) factors")
-            a, b = ab["A"], ab["B"]
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-                raise InvalidAdapter(f"{path}: factor shapes {tuple(a.shape)} / {tuple(b.shape)} do not chain")
-            r = a.shape[0]
-            alpha = alphas.get(path, _alpha_for(path, peft_meta, r))
-            factors[path] = (a, b, alpha / r)
-        if not factors:
-            raise InvalidAdapter("no LoRA factors in the state dict")
-        return cls(factors, metadata.get("base_fingerprint"), name, metadata)
+        return cls(adapter_file.lora_factors(state_dict, metadata), metadata.get("base_fingerprint"), name, metadata)
 
     @classmethod
     def from_file(cls, path, name: str | None = None) -> "Adapter":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        return cls.from_state_dict(sd, metadata, name or str(path))
-
-
-_KEY = re.compile(
-    r"^(?:unet\.)?(?P<path>.+?)\.(?P<kind>lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)(?:\.default)?\.weight$"
-)
-
-
-def _kohya_path(kohya_name: str) -> str | None:
-    from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key
-
-    converted = _convert_unet_lora_key(kohya_name + ".lora_down.weight")
-    m = _KEY.match(converted)
-    return m.group("path") if m else None
-
-
-def _peft_metadata(metadata: dict) -> dict:
-    raw = metadata.get("lora_adapter_metadata")
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError:
-            raise InvalidAdapter("lora_adapter_metadata is not valid JSON") from None
-    raw = dict(raw or {})
-    # diffusers packs it per component ("unet.r", "unet.lora_alpha", ...) for load_lora_adapter(prefix="unet")
-    out = {k.removeprefix("unet."): v for k, v in raw.items() if "." not in k or k.startswith("unet.")}
-    for key in ("lora_alpha", "alpha"):  # flat interchange metadata
-        if key in metadata and "lora_alpha" not in out:
-            out["lora_alpha"] = float(metadata[key])
-    return out
-
-
-def _alpha_for(path: str, meta: dict, rank: int) -> float:
-    for pattern, value in (meta.get("alpha_pattern") or {}).items():
-        if re.search(rf"(^|\.){re.escape(pattern)}$", path) or path.endswith(pattern):
-            return float(value)
-    return float(meta.get("lora_alpha", rank))
+        tensors, metadata = adapter_file.read_raw(path)
+        return cls.from_state_dict(tensors, metadata, name or str(path))
 
 
 # ---------------------------------------------------------------------------------------------- slots

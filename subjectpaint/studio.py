@@ -1,62 +1,29 @@
-"""Studio: holds the base model (and later the registry and adapter slots) and runs placements."""
+"""Studio: holds the base model, the registry handle and the adapter slots; runs placements and makes sessions.
+
+Subjects and adapters come in through one resolver (`subjectpaint.sources`); the sessions use the studio only
+through `resolve`, `subjects`, `laid_out`, `slots`, `sampler`, `base` and `default_steps`, and never import it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 
-import PIL.Image
 import torch
-import torch.nn.functional as F
 
+from . import sources
 from .base import ExemplarInpainter
 from .errors import InvalidArgument
 from .images import ImageInput, load_exemplar, load_image, load_mask, mask_to_pil, pil_to_tensor, tensor_to_pil
 from .masks import PasteBack
 from .result import Placement
+from .choices import DEFAULT_SCHEDULER
 from .sampler import Sampler
-from .slots import Adapter, Slots
+from .sessions.dual_branch import DualBranchSession
+from .sessions.progressive import ProgressiveSession
+from .slots import Slots
+from .workframe import WorkFrame, encode_exemplars
 
-
-@dataclass
-class WorkFrame:
-    """How a user's room maps onto the grid the model works on: scaled down to the base's resolution when
-    larger (long side), then padded (edge-replicated, mask 0) to a multiple of the size step."""
-
-    original: tuple[int, int]  # (W, H) of the user's room
-    scaled: tuple[int, int]  # (w, h) after scaling
-    padded: tuple[int, int]  # (w', h') multiples of the size step
-
-    @classmethod
-    def fit(cls, size: tuple[int, int], resolution: int, multiple: int) -> "WorkFrame":
-        W, H = size
-        scale = min(1.0, resolution / max(W, H))
-        w, h = max(1, round(W * scale)), max(1, round(H * scale))
-        pw, ph = -(-w // multiple) * multiple, -(-h // multiple) * multiple
-        return cls((W, H), (w, h), (pw, ph))
-
-    def to_work(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image (1, 3, H, W) in [-1, 1], mask (H, W) -> (1, 3, h', w'), (1, 1, h', w') on the work grid."""
-        mask = mask[None, None]
-        if self.scaled != self.original:
-            w, h = self.scaled
-            image = F.interpolate(image, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-            mask = (F.interpolate(mask, size=(h, w), mode="area") > 0).float()  # any touched pixel stays editable
-        pad = (0, self.padded[0] - self.scaled[0], 0, self.padded[1] - self.scaled[1])
-        if any(pad):
-            image = F.pad(image, pad, mode="replicate")
-            mask = F.pad(mask, pad, value=0.0)
-        return image, mask
-
-    def from_work(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h', w') in [0, 1] -> (B, 3, H, W): crop the padding, scale back up."""
-        w, h = self.scaled
-        images = images[..., :h, :w]
-        if self.scaled != self.original:
-            W, H = self.original
-            images = F.interpolate(images, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 1)
-        return images
+__all__ = ["Studio", "WorkFrame"]
 
 
 class Studio:
@@ -142,8 +109,9 @@ class Studio:
         (otherwise grouped by size). Row i uses generator seed `seed + i`, or `seeds[i]` when given (a server
         batching independent requests: each row's result is then the same as that request run alone).
 
-        The third element of a job is an exemplar image, None (unconditional fill) or a Subject: its best
-        exemplar crop conditions the row and its adapter is applied to that row only (a mixed-subject batch)."""
+        The third element of a job is an exemplar image, None (unconditional fill) or a subject (a Subject, a
+        registry record or a "name@version" string; see `subjectpaint.sources`): its exemplar crop conditions the
+        row and its adapter is applied to that row only (a mixed-subject batch)."""
         paste = paste_back if isinstance(paste_back, PasteBack) else PasteBack(enabled=bool(paste_back))
         steps = steps or self.default_steps
         if not jobs:
@@ -159,12 +127,10 @@ class Studio:
         for room, mask, exemplar in jobs:
             room_pil = load_image(room, "room")
             mask_t = load_mask(mask, room_pil.size)
-            subject = exemplar if _is_subject(exemplar) else None
-            if subject is not None:
-                exemplar = subject.exemplar
-            prepared.append((room_pil, mask_t, None if exemplar is None else load_exemplar(exemplar), subject))
-        multiple = max(8, self.base.vae_scale_factor)
-        frames = [WorkFrame.fit(p[0].size, resolution or self.base.resolution, multiple) for p in prepared]
+            subject = self.resolve(exemplar)
+            exemplar = None if subject.exemplar is None else load_exemplar(subject.exemplar)
+            prepared.append((room_pil, mask_t, exemplar, subject))
+        frames = [WorkFrame.for_base(p[0].size, self.base, resolution) for p in prepared]
 
         # 2. Group rows by work size and run each group as one batch
         results: list[Placement | None] = [None] * len(prepared)
@@ -178,7 +144,7 @@ class Studio:
             masks = torch.cat([w[1] for w in work]).to(self.base.device)
             embeddings, uncond = self.encode_exemplars([prepared[i][2] for i in rows])
             generator = None if row_seed(0) is None else [torch.Generator().manual_seed(row_seed(i)) for i in rows]
-            with self.subjects([prepared[i][3] for i in rows]):
+            with self.subjects([prepared[i][3].subject for i in rows]):
                 out = self.sampler(
                     images,
                     masks,
@@ -200,8 +166,8 @@ class Studio:
                     exemplar=exemplar_pil,
                     generated=generated,
                     seed=row_seed(i),
-                    info={"steps": steps, "guidance_scale": guidance_scale, "scheduler": scheduler or "pndm",
-                          "subject": getattr(subject, "name", None)},
+                    info={"steps": steps, "guidance_scale": guidance_scale, "scheduler": scheduler or DEFAULT_SCHEDULER,
+                          "subject": subject.name},
                 )
         return results  # type: ignore[return-value]
 
@@ -209,14 +175,10 @@ class Studio:
 
     def progressive(self, **defaults):
         """A PIXELS progressive-editing session (soft edit maps, per-pixel start, several subjects per pass)."""
-        from .sessions.progressive import ProgressiveSession
-
         return ProgressiveSession(self, **defaults)
 
     def dual_branch(self, **defaults):
         """A ViMAEdit dual-branch session (source/target branches, attention injection, grounding)."""
-        from .sessions.dual_branch import DualBranchSession
-
         return DualBranchSession(self, **defaults)
 
     # ------------------------------------------------------------------ subjects: registry -> RAM -> slots
@@ -228,40 +190,36 @@ class Studio:
             self._slots = Slots(self.base.unet, max_rank=self.max_rank, fingerprint=self.base.fingerprint())
         return self._slots
 
+    def resolve(self, subject) -> sources.Resolved:
+        """A placement's subject resolved against this studio's registry (`subjectpaint.sources.resolve`): its
+        exemplar, what carries its adapter, its name. Every entry point (inpaint, the sessions) goes through it."""
+        return sources.resolve(subject, self._registry)
+
     def laid_out(self, source) -> torch.Tensor:
-        """An adapter laid out for the slots, through the RAM tier. `source`: a Subject (anything with a
-        `record` or an `adapter`), a registry `AdapterRecord`, a "name@version" string, or an `Adapter`."""
-        record = getattr(source, "record", None) if not _is_record(source) else source
-        if record is None and isinstance(source, str):
-            record = self._registry().get(source)
-        if record is not None:
-            key = f"{record.sha256}:{self.max_rank}"
+        """An adapter laid out for the slots, through the RAM tier when it has a registry record. `source`: any
+        adapter source (`subjectpaint.sources`): a Subject, a registry record, a "name@version" string, an
+        `Adapter`, LoRA tensors."""
+        source = sources.looked_up(source, self._registry)
 
-            def load():
-                meta = dict(record.metadata or {})
-                if record.alpha is not None:
-                    meta.setdefault("lora_alpha", record.alpha)
-                meta.setdefault("base_fingerprint", record.base_fingerprint)
-                # laid out while the blob's sha256 is checked beside us; a blob that does not verify
-                # raises on leaving the block, so its layout never reaches the RAM tier
-                with self._registry().verifying(record) as tensors:
-                    flat = self.slots.layout(Adapter.from_state_dict(tensors, meta, record.ref))
-                return {"flat": flat}
+        def load():
+            # a registry blob is laid out while its sha256 is checked beside us; one that does not verify raises on
+            # leaving the block, so its layout never reaches the RAM tier
+            with sources.opened(source, self._registry) as adapter:
+                return {"flat": self.slots.layout(adapter)}
 
-            return self.adapter_cache.get_or_load(key, load)["flat"]
-        adapter = getattr(source, "adapter", source)
-        if getattr(source, "tensors", None) is not None:  # a Subject held in memory (e.g. Subject.from_file)
-            adapter = Adapter.from_state_dict(source.tensors, source.metadata, str(getattr(source, "name", "")))
-        if not isinstance(adapter, Adapter):
-            raise InvalidArgument(f"cannot find an adapter in {type(source).__name__}")
-        return self.slots.layout(adapter)
+        key = sources.cache_key(source)
+        if key is None:
+            return load()["flat"]
+        return self.adapter_cache.get_or_load(f"{key}:{self.max_rank}", load)["flat"]
 
     def activate(self, subject) -> None:
-        """Hot-swap `subject`'s adapter in (None: the base alone). A failed swap keeps the previous one."""
-        if subject is None or _adapter_free(subject):
+        """Hot-swap `subject`'s adapter in (None, or no adapter: the base alone). A failed swap keeps the previous
+        one."""
+        source = sources.adapter_source(subject)
+        if source is None:
             self.slots.deactivate() if self._slots is not None else None
             return
-        self.slots.activate(self.laid_out(subject), name=str(getattr(subject, "name", "adapter")))
+        self.slots.activate(self.laid_out(source), name=str(getattr(subject, "name", None) or "adapter"))
 
     @contextlib.contextmanager
     def subjects(self, subjects: list):
@@ -269,8 +227,8 @@ class Studio:
         One subject for all rows is a plain swap; several are a mixed batch gathered per row."""
         unique: list = []
         rows: list[int] = []
-        for s in subjects:
-            if _adapter_free(s):
+        for s in map(sources.adapter_source, subjects):
+            if s is None:
                 rows.append(-1)
                 continue
             index = next((j for j, u in enumerate(unique) if u is s), None)
@@ -298,28 +256,8 @@ class Studio:
         return self.registry
 
     def encode_exemplars(self, exemplars: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (B, 1, D) for PIL exemplars; a None exemplar gets the learned unconditional vector
-        (an unconditional fill: the base paints plausible background)."""
-        uncond = self.base.image_encoder.uncond_vector.detach()
-        given = [e for e in exemplars if e is not None]
-        encoded = iter(self.base.encode_exemplar(given)[0]) if given else iter(())
-        rows = [next(encoded) if e is not None else uncond[0].to(self.base.device) for e in exemplars]
-        return torch.stack(rows), uncond
+        """Embeddings (B, 1, D) for PIL exemplars; None gets the learned unconditional vector (`workframe`)."""
+        return encode_exemplars(self.base, exemplars)
 
     def __repr__(self) -> str:
         return f"Studio(base={self.base.name!r}, resolution={self.base.resolution})"
-
-
-
-
-def _is_record(x) -> bool:
-    return hasattr(x, "sha256") and hasattr(x, "ref")
-
-
-def _is_subject(x) -> bool:
-    """A Subject (or anything shaped like one): an exemplar crop plus an adapter source."""
-    return hasattr(x, "exemplar") and any(hasattr(x, a) for a in ("record", "adapter", "tensors"))
-
-
-def _adapter_free(x) -> bool:
-    return x is None or all(getattr(x, a, None) is None for a in ("record", "adapter", "tensors"))

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import PIL.Image
 import torch
+from adapters_store import adapter_file
 
 from .errors import BaseMismatch, InvalidArgument, InvalidImage, VersionExists, SubjectPaintError
 from .images import load_cutout, load_image
@@ -289,11 +290,9 @@ class Subject:
     @classmethod
     def load(cls, ref: str, studio=None, *, registry=None) -> "Subject":
         """`name` (latest) or `name@version` from the registry; refuses an adapter for another base."""
-        from trainers import export
-
         registry = _registry(studio, registry)
         record = registry.get(ref)
-        tensors = export.dequantize(registry.load(record))
+        tensors = adapter_file.dequantize(registry.load(record))
         metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in record.metadata.items()}
         metadata.setdefault("base_fingerprint", record.base_fingerprint or "")
         subject = cls(record.name, record.version, metadata, tensors, record)
@@ -304,17 +303,13 @@ class Subject:
     @classmethod
     def from_file(cls, path: str | os.PathLike, name: str | None = None) -> "Subject":
         """An interchange file (int8 dequantized)."""
-        from trainers import export
-
-        tensors, metadata = export.read_file(path)
+        tensors, metadata = adapter_file.read_file(path)
         return cls(name or metadata.get("subject", os.path.basename(os.fspath(path))), None, metadata, tensors)
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> str:
         """Write the interchange file (plain float factors: loads in diffusers as is)."""
-        from trainers import export
-
         meta = {k: v for k, v in self.metadata.items() if k != "quantization"}
-        return export.write_file(path, export.cast(self.tensors, dtype), meta)
+        return adapter_file.write_file(path, adapter_file.cast(self.tensors, dtype), meta)
 
     # ------------------------------------------------------------------------------------------ apply
 
@@ -327,8 +322,6 @@ class Subject:
     def applied(self, target, scale: float = 1.0, adapter_name: str | None = None):
         """Load this adapter into `target`'s UNet (a Studio or an ExemplarInpainter) through diffusers/PEFT for the
         duration of the block; afterwards the UNet is as before (LoRA layers removed when none were there)."""
-        from trainers import export
-
         base = _base(target)
         self.check_base(base)
         unet = base.unet
@@ -336,7 +329,7 @@ class Subject:
         name = adapter_name or f"subject_{self.name}_{self.version}".replace(".", "_").replace("-", "_")
         state = {k: v.to(unet.dtype) for k, v in self.tensors.items() if k.startswith("unet.")}
         config = json.loads(self.metadata.get("lora_adapter_metadata") or "{}") or {
-            f"unet.{k}": v for k, v in export.peft_config_kwargs(self.metadata).items()}
+            f"unet.{k}": v for k, v in adapter_file.peft_config_kwargs(self.metadata).items()}
         unet.load_lora_adapter(state, prefix="unet", adapter_name=name, metadata=config)
         try:
             if scale != 1.0:

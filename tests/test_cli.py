@@ -31,3 +31,18 @@ def test_inpaint_writes_result_and_grid_with_a_progress_bar(tmp_path, capsys):
     assert np.array_equal(np.asarray(placed)[outside], np.asarray(PIL.Image.open(room))[outside])
     g = PIL.Image.open(grid)
     assert g.height > 32 and g.width > 4 * 32  # four panels side by side
+
+
+def test_files_the_cli_writes_honour_the_umask(tmp_path):
+    import os
+    import stat
+
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            assert cli.main(["demo", "-o", str(tmp_path / oct(umask)), "--base", "tiny", "--steps", "1", "-q"]) == 0
+        finally:
+            os.umask(old)
+        written = sorted((tmp_path / oct(umask)).iterdir())
+        assert [p.name for p in written] == ["demo_grid.png", "demo_placed.png"]  # no temporary file left
+        assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {mode}

@@ -28,13 +28,12 @@ import PIL.Image
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
+from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD
 
 from subjectpaint.masks import bezier_mask, box_mask, contact_shadow, placement_box, shadow_extent
 
 from .annotate import Annotation, decontaminate
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def to_unit(img: PIL.Image.Image) -> torch.Tensor:

@@ -23,13 +23,13 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from subjectpaint.base import LORA_TARGETS as DEFAULT_TARGETS
 from subjectpaint.base import PREDICTION_TYPES, ExemplarInpainter, denoising_target
 from subjectpaint.errors import InvalidArgument
 
 ADAPTER = "subject"
 # The frozen VAE and image encoder stay in eval mode on purpose; Lightning's notice about it is noise here.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LR_SCHEDULES = ("constant", "cosine")
 
 

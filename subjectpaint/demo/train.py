@@ -36,14 +36,13 @@ from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageE
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from transformers import CLIPImageProcessor, CLIPVisionConfig
+from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD
 
 from ..base import DEMO_DIR, ExemplarInpainter, denoising_target, pbe_scheduler
 from ..masks import bezier_mask, box_mask
 from .scenes import TRAIN_SEEDS, make_scene
 
 SIZE = 64
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def demo_scheduler():

@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..choices import DEFAULT_SCHEDULE, SCHEDULES
 from ..errors import ERRORS, InvalidArgument, InvalidImage, VersionExists
 from .errors import status_of
 from .jobs import JobFull, TrainingJobs
@@ -35,7 +36,7 @@ class PlaceRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0, lt=2**63)
     guidance_scale: float = Field(5.0, ge=0, le=30)
-    schedule: Literal["linear", "log", "cubic", "sigmoid"] = "linear"
+    schedule: Literal[tuple(SCHEDULES)] = DEFAULT_SCHEDULE
 
 
 class Gate:

@@ -89,20 +89,15 @@ class PlaceAPI(ls.LitAPI):
         return [{**o, "stats": info} for o in out]
 
     def _subject(self, row):
-        from ..subject import Subject
+        """The row's subject from its tenant's registry, resolved as every entry point resolves one (its blob is
+        read, through the RAM tier, only when it is laid out)."""
+        from .. import sources
+        from ..errors import BaseMismatch
 
         record = self.router.registry.for_tenant(row["tenant"]).get(row["ref"])
-        metadata = {str(k): v if isinstance(v, str) else str(v) for k, v in record.metadata.items()}
-        subject = Subject(record.name, record.version, metadata, None, record)
-        if subject.exemplar is None:
-            from ..errors import InvalidAdapter
-
-            raise InvalidAdapter(f"subject {record.ref} has no exemplar crop in its metadata")
         if record.base_fingerprint and record.base_fingerprint != self.fingerprint:
-            from ..errors import BaseMismatch
-
             raise BaseMismatch(f"subject {record.ref} was trained for another base")
-        return subject
+        return sources.resolve(record).subject
 
     def _run_plain(self, items, steps, guidance, out):
         """One mixed-subject pass for all rows; if it fails, each row alone (so only the bad row fails)."""

@@ -45,6 +45,7 @@ from ..images import ImageInput, load_exemplar, load_image, load_mask, mask_to_p
 from ..masks import PasteBack, mask_box
 from ..result import image_grid
 from ..sampler import SamplerHook, make_scheduler
+from ..workframe import WorkFrame
 
 SALIENCY = ("noise", "scores")
 
@@ -322,7 +323,8 @@ class DualBranchSession:
             raise InvalidArgument(f"unknown dual-branch setting: {exc}") from None
 
     def place(self, subject, room: ImageInput, mask: ImageInput, **overrides) -> DualBranchPlacement:
-        """Place `subject` (a Subject, or a plain exemplar image: no adapter) into `room` where `mask` is white."""
+        """Place `subject` (a Subject, a registry record or "name@version"; or a plain exemplar image: no adapter)
+        into `room` where `mask` is white."""
         try:
             s = replace(self.settings, **overrides)
         except TypeError as exc:
@@ -331,13 +333,11 @@ class DualBranchSession:
         # 1. Check inputs (nothing runs on bad input)
         room_pil = load_image(room, "room")
         mask_t = load_mask(mask, room_pil.size)
-        from ..studio import WorkFrame, _adapter_free
-
-        exemplar = load_exemplar(subject.exemplar if hasattr(subject, "exemplar") else subject)
-        adapter_subject = subject if _is_subject(subject) and not _adapter_free(subject) else None
+        resolved = studio.resolve(subject)  # the exemplar and what carries the adapter, as every entry point
+        exemplar = load_exemplar(resolved.exemplar)
         steps = s.steps or studio.default_steps
         seed = s.seed if s.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
-        frame = WorkFrame.fit(room_pil.size, s.resolution or base.resolution, max(8, base.vae_scale_factor))
+        frame = WorkFrame.for_base(room_pil.size, base, s.resolution)
         image, work_mask = frame.to_work(pil_to_tensor(room_pil), mask_t)
         image, work_mask = image.to(base.device), work_mask.to(base.device)
 
@@ -356,7 +356,7 @@ class DualBranchSession:
         latent_mask = F.interpolate(work_mask, size=(image.shape[-2] // factor, image.shape[-1] // factor))
         hook = DualBranchHook(s, latent_mask, s.guidance_scale > 1.0, base.scheduler.config, noise_seed=seed + 7919)
         studio.sampler.progress = s.progress
-        with studio.subjects([None, adapter_subject]):
+        with studio.subjects([None, resolved.subject]):
             out = studio.sampler(
                 images, masks, embeddings, uncond=uncond, num_inference_steps=steps,
                 guidance_scale=s.guidance_scale, scheduler=s.scheduler,
@@ -379,7 +379,7 @@ class DualBranchSession:
             grounded = mask_to_pil((pixel > 0.5).float())
         paste = s.paste_back if isinstance(s.paste_back, PasteBack) else PasteBack(enabled=bool(s.paste_back))
         info = {k: v for k, v in asdict(s).items() if k not in ("paste_back", "progress")}
-        info.update(steps=steps, subject=getattr(subject, "name", None), grounded_steps=len(hook.masks))
+        info.update(steps=steps, subject=resolved.name, grounded_steps=len(hook.masks))
         return DualBranchPlacement(
             image=paste.apply(generated, room_pil, mask_t), room=room_pil, mask=mask_to_pil(mask_t),
             exemplar=exemplar, generated=generated, source=source, grounded_mask=grounded, saliency=saliency,
@@ -388,7 +388,3 @@ class DualBranchSession:
 
     def __repr__(self) -> str:
         return f"DualBranchSession({self.settings})"
-
-
-def _is_subject(x) -> bool:
-    return hasattr(x, "exemplar") and (hasattr(x, "record") or hasattr(x, "adapter"))

@@ -47,23 +47,17 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers.utils.torch_utils import randn_tensor
 
+from ..choices import DEFAULT_SCHEDULE, DEFAULT_SCHEDULER, SCHEDULES
 from ..errors import InvalidArgument, InvalidMask
 from ..images import ImageInput, load_exemplar, load_image, load_mask, pil_to_tensor, tensor_to_pil
 from ..masks import PasteBack, mask_box
 from ..result import Placement, image_grid
 from ..sampler import AttentionProcessors, LatentStart
+from ..workframe import WorkFrame, encode_exemplars
 from .regions import RegionalGroupNorm, RegionWeights, regional_processors
 
 # ------------------------------------------------------------------------------------------- schedules
-
-SCHEDULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "linear": lambda s, T: s,
-    "log": lambda s, T: torch.log1p(s * T) / math.log1p(T),
-    "cubic": lambda s, T: s**3,
-    "sigmoid": lambda s, T: torch.sigmoid(s * 6 - 3),
-}
 
 
 def thresholds(schedule: str | Callable, n_steps: int) -> torch.Tensor:
@@ -153,18 +147,7 @@ class HeldStart(LatentStart):
       through the loop is then the source latents and the uint8 start steps only (memory overhead)."""
 
     def __init__(self, start_step: torch.Tensor, source: torch.Tensor, seed: int):
-        self.seed = int(seed)
-        super().__init__(start_step=start_step, source=source)
-
-    @property
-    def noise(self) -> torch.Tensor:
-        g = [torch.Generator(device=self.source.device).manual_seed(self.seed)]
-        return randn_tensor(self.source.shape, generator=g, device=self.source.device, dtype=self.source.dtype)
-
-    @noise.setter
-    def noise(self, value) -> None:
-        if value is not None:
-            raise InvalidArgument("HeldStart derives its noise from its seed")
+        super().__init__(start_step=start_step, source=source, seed=int(seed))
 
     def finish(self, latents):
         self.source = None  # done: free it before the decoder runs
@@ -225,7 +208,7 @@ class ProgressiveSession:
         studio,
         *,
         room: ImageInput | None = None,
-        schedule: str | Callable = "linear",
+        schedule: str | Callable = DEFAULT_SCHEDULE,
         strength: float = 1.0,
         steps: int | None = None,
         guidance_scale: float = 5.0,
@@ -272,7 +255,7 @@ class ProgressiveSession:
 
     def place(self, subject, room: ImageInput | None = None, mask: ImageInput | None = None, *, box=None,
               **options) -> ProgressivePlacement:
-        """Place `subject` (a Subject or a plain exemplar image) with `mask` (binary mask or soft edit map,
+        """Place `subject` (a Subject, a registry record or "name@version", or a plain exemplar image) with `mask` (binary mask or soft edit map,
         0 keep .. 1 regenerate). `room` None (or the session's own room again) builds on the current image;
         another room starts the session over from it. `box` (x0, y0, x1, y1): where the exemplar is pasted for
         the latent surgery (default: the map's box). Options override the session defaults."""
@@ -305,9 +288,7 @@ class ProgressiveSession:
             _paste_fitted(surgical, exemplar, box)
 
         # 3. The work grid (the base's resolution), maps on it and on the latent grid
-        from ..studio import WorkFrame
-
-        frame = WorkFrame.fit(start.size, opts["resolution"] or base.resolution, max(8, base.vae_scale_factor))
+        frame = WorkFrame.for_base(start.size, base, opts["resolution"])
         image_w = _to_work(frame, pil_to_tensor(start), "image").to(base.device)
         maps_w = _to_work(frame, maps[:, None], "map")[:, 0]  # (K, h', w')
         union_w = maps_w.amax(0)
@@ -335,7 +316,7 @@ class ProgressiveSession:
         del mu, held, z1, source  # the loop keeps only start_step and the source
 
         # 5. Conditioning: one exemplar token per region
-        embeddings, uncond = studio.encode_exemplars([e for _, e, _, _ in prepared])
+        embeddings, uncond = encode_exemplars(base, [e for _, e, _, _ in prepared])
         k = len(prepared)
         embeddings = embeddings.reshape(1, k, -1)
         uncond = uncond.reshape(1, 1, -1).repeat(1, k, 1)
@@ -369,7 +350,7 @@ class ProgressiveSession:
             image=final, room=start, mask=map_pil, exemplar=prepared[0][1], generated=generated,
             seed=seed, edit_map=map_pil, surgical=surgical, images=images, latents=out.latents.cpu(),
             steps=list(self.history),
-            info={"steps": steps, "guidance_scale": opts["guidance_scale"], "scheduler": opts["scheduler"] or "pndm",
+            info={"steps": steps, "guidance_scale": opts["guidance_scale"], "scheduler": opts["scheduler"] or DEFAULT_SCHEDULER,
                   "schedule": opts["schedule"] if isinstance(opts["schedule"], str) else "callable",
                   "strength": opts["strength"], "subjects": names, "start_step": start_step.cpu()},
         )
@@ -400,13 +381,13 @@ class ProgressiveSession:
             m = load_mask(mask, size, what="edit map", binary=False)
             if not bool((m > 0).any()):
                 raise InvalidMask("the edit map is empty (all 0): nothing to edit")
-            exemplar = getattr(subject, "exemplar", subject) if subject is not None else None
-            if exemplar is None:
+            resolved = self.studio.resolve(subject)  # the exemplar and what carries the adapter, as every entry point
+            if resolved.exemplar is None:
                 raise InvalidArgument("a subject (or an exemplar image) is required for every region")
-            exemplar = load_exemplar(exemplar)
+            exemplar = load_exemplar(resolved.exemplar)
             box = mask_box(m) if box is None else _check_box(box, size)
-            prepared.append((subject if _has_adapter(subject) else None, exemplar, m, box))
-            names.append(getattr(subject, "name", None))
+            prepared.append((resolved.subject, exemplar, m, box))
+            names.append(resolved.name)
         return prepared, names
 
     @staticmethod
@@ -442,19 +423,8 @@ def downsample_map_area(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
 
 def _to_work(frame, x: torch.Tensor, kind: str, pad: str | None = None) -> torch.Tensor:
-    """(B, C, H, W) image in [-1, 1] or soft maps in [0, 1] onto the work grid: scaled (bicubic / area), padded
-    (edge-replicated image, 0 map) like WorkFrame.to_work, but the maps stay soft."""
-    if frame.scaled != frame.original:
-        w, h = frame.scaled
-        if kind == "image":
-            x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-        else:
-            x = F.interpolate(x, size=(h, w), mode="area")
-    mode = pad or ("replicate" if kind == "image" else "constant")
-    pad = (0, frame.padded[0] - frame.scaled[0], 0, frame.padded[1] - frame.scaled[1])
-    if any(pad):
-        x = F.pad(x, pad, mode="replicate") if mode == "replicate" else F.pad(x, pad, value=0.0)
-    return x
+    """(B, C, H, W) image in [-1, 1] or soft maps in [0, 1] onto the work grid (the maps stay soft)."""
+    return frame.image_to_work(x) if kind == "image" else frame.map_to_work(x, pad or "constant")
 
 
 def _loop_length(base, scheduler, steps: int) -> int:
@@ -513,7 +483,3 @@ def _check_box(box, size) -> tuple[int, int, int, int]:
 
 def _same_image(a: PIL.Image.Image, b: PIL.Image.Image) -> bool:
     return a is b or (a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes())
-
-
-def _has_adapter(x) -> bool:
-    return x is not None and (getattr(x, "record", None) is not None or getattr(x, "adapter", None) is not None)
