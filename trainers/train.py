@@ -68,9 +68,10 @@ def train_subject(base, photos: Sequence, recipe: TrainRecipe, *, name: str = "s
     precision). The base's modules are left on the device and in the dtype they had."""
     if not isinstance(recipe, TrainRecipe):
         raise InvalidArgument(f"recipe must be a TrainRecipe, got {type(recipe).__name__}")
-    unknown = sorted(set(trainer_kwargs or {}) & {"max_steps", "callbacks"})
-    if unknown:
-        raise InvalidArgument(f"trainer_kwargs may not set {', '.join(unknown)} (the recipe and callbacks= do)")
+    trainer_kwargs = dict(trainer_kwargs or {})
+    if "max_steps" in trainer_kwargs:
+        raise InvalidArgument("trainer_kwargs may not set max_steps (the recipe's steps do)")
+    callbacks = [*callbacks, *trainer_kwargs.pop("callbacks", ())]
     # 1-3. Inputs: photos, annotations, rooms (all checked before any training)
     loaded = load_photos(photos)
     notes, annotator = annotate(loaded, detector, min_score, labels)
@@ -92,7 +93,7 @@ def train_subject(base, photos: Sequence, recipe: TrainRecipe, *, name: str = "s
                                drop=recipe.cond_drop, seed=recipe.seed, lr_schedule=recipe.lr_schedule,
                                gradient_checkpointing=recipe.gradient_checkpointing, accumulate=recipe.accumulate)
     kwargs = {"accelerator": accelerator, "devices": devices, "precision": precision,
-              "accumulate_grad_batches": recipe.accumulate, **dict(trainer_kwargs or {})}
+              "accumulate_grad_batches": recipe.accumulate, **trainer_kwargs}
     with tempfile.TemporaryDirectory(prefix="subjectpaint-train-") as tmp:
         trainer = fit(module, data, steps, workdir if workdir is not None else tmp, progress=progress,
                       label=f"training {name}", callbacks=callbacks, **kwargs)
