@@ -74,10 +74,12 @@ def pbe_shaped_base(quick: bool, seed: int = 0):
     return base.to(device="cpu", dtype=torch.float32)
 
 
-def load_base(directory: str, device: str):
+def load_base(directory: str, device: str, dtype: str = "float32"):
+    import torch
+
     from subjectpaint.base import ExemplarInpainter
 
-    base = ExemplarInpainter.from_pretrained(directory, device=device)
+    base = ExemplarInpainter.from_pretrained(directory, device=device, torch_dtype=getattr(torch, dtype))
     base.name = Path(directory).name
     return base
 
@@ -298,7 +300,7 @@ def child(args) -> None:
     from subjectpaint import Studio, Subject  # noqa: F401
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    base = load_base(args.base_dir, device)
+    base = load_base(args.base_dir, device, args.base_dtype)
     if args.side == "peer":
         times, mem = train_peer(base, args, device)
         out = {"side": "peer", "times": times, "peak_bytes": mem}
@@ -334,6 +336,8 @@ def main(argv=None):
     ap.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--precision", default="32", choices=("32", "16-mixed", "bf16-mixed"))
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (both sides)")
+    ap.add_argument("--base-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="dtype of the frozen base (the LoRA factors train in fp32 either way)")
     ap.add_argument("--repeats", type=int, default=1, help="alternations of ours and the peer")
     ap.add_argument("--place-steps", type=int, default=2, help="denoising steps of each placement")
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU present")
@@ -354,7 +358,7 @@ def main(argv=None):
         for r in range(args.repeats):
             for side in ("peer", "ours"):
                 cmd = [sys.executable, __file__, "--side", side, "--base-dir", tmp]
-                for k in ("steps", "warmup", "batch", "accumulate", "precision", "place_steps"):
+                for k in ("steps", "warmup", "batch", "accumulate", "precision", "place_steps", "base_dtype"):
                     cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
                 cmd += ["--checkpointing"] * args.checkpointing + ["--cpu"] * args.cpu
                 cmd += ["--place"] * (side == "ours" and r == args.repeats - 1)
