@@ -12,8 +12,8 @@ and cross-attention 768 (859.5M params), CLIP ViT-L/14 vision (24 layers, 1024 w
    subprocess, alternated `--repeats` times: ours = `Subject.train(..., "paint-by-example", steps=..)` (annotation,
    data, Lightning, export, registry); the peer = a plain diffusers + PEFT loop (`unet.add_adapter`, AdamW, the same
    objective written out, `torch.autocast` for mixed precision) on random tensors of the same shapes. Step time:
-   start-to-start of optimizer steps after `--warmup` (CPU: process CPU time, see `clock`); peak memory: the training's high-water mark above the memory
-   held just before it (CUDA: max_memory_allocated; CPU: VmHWM reset through /proc/self/clear_refs).
+   start-to-start of optimizer steps after `--warmup` (CPU: process CPU time, see `clock`); peak memory: the
+   training's high-water mark above the memory held just before it (CUDA: max_memory_allocated; CPU: VmHWM reset through /proc/self/clear_refs).
    Ratios ours / peer of the median step and of the peak, with a bootstrap 95% interval for the time.
 2. Placement (in the last "ours" subprocess): the adapter's stored bytes; `studio.inpaint(room, mask, subject)`,
    `studio.progressive().place`, `studio.dual_branch().place` (`placed` counts those that returned an image of the
@@ -310,6 +310,7 @@ def child(args) -> None:
             out = {"side": "ours", "times": times, "peak_bytes": mem, "adapter_bytes": subject.record.byte_size,
                    "dtype": str(base.dtype).replace("torch.", ""), "unet_params": sum(
                        p.numel() for p in base.unet.parameters())}
+            print("trained:", json.dumps(out), file=sys.stderr, flush=True)  # seen before the placements end
             if args.place:
                 out.update(place_and_swap(studio, subject, device, args.place_steps))
             studio.registry.close()
@@ -362,11 +363,9 @@ def main(argv=None):
                     cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
                 cmd += ["--checkpointing"] * args.checkpointing + ["--cpu"] * args.cpu
                 cmd += ["--place"] * (side == "ours" and r == args.repeats - 1)
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its stderr: ours
                 if proc.returncode:
-                    sys.stderr.write(proc.stderr[-4000:])
                     raise SystemExit(f"{side} run failed ({proc.returncode})")
-                sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines() if "failed:" in line))
                 results[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(f"{side}: median step {statistics.median(results[side][-1]['times']):.3f} s, peak "
                       f"{results[side][-1]['peak_bytes'] / 2**20:.0f} MiB", flush=True)

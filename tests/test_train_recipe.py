@@ -36,7 +36,8 @@ def photos():
 
 
 def written(tmp_path):
-    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and "registry.db" not in p.name)
+    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                  if p.is_file() and "registry.db" not in p.name)
 
 
 # ------------------------------------------------------------------------------------------ presets

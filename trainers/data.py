@@ -3,8 +3,8 @@
 
 Every sample is (target, mask, reference):
 - target: a photo itself, or the product cut out with its foreground matte and composited onto a background
-  (any list of images: the user's rooms, or the demo preset's procedural rooms), at a random scale, position and brightness; optionally
-  stood upright (the photo's tilt undone, `upright_angle`) and with a soft contact shadow under it, since a
+  (any list of images: the user's rooms, or the demo preset's procedural rooms), at a random scale, position and
+  brightness; optionally stood upright (the photo's tilt undone, `upright_angle`) and with a soft contact shadow under it, since a
   placement stands the product on a floor or table;
 - mask: with probability `placement_p`, the placement box a user draws for the product (`subjectpaint.masks.
   placement_box`: the product's box, a small margin, room below for its shadow); otherwise the paper's augmented

@@ -6,7 +6,11 @@ target and the masked target, encode the augmented reference, replace the condit
 unconditional vector 20% of the time, noise the latents under the base's DDPM schedule, predict the noise (or v, as the base's scheduler says) from the
 9-channel input (noisy latent 4 + masked-image latent 4 + keep-mask 1), MSE. All randomness of a step (VAE
 sampling, noise, timesteps, condition drop, LoRA dropout) comes from `(seed, global_step, rank)`, so a resumed
-run continues exactly. Lightning owns the loop, checkpoints and progress bar (`make_trainer`, `fit`).
+run continues exactly. Lightning owns the loop, checkpoints and progress bar (`make_trainer`, `fit`), and the
+precision (autocast) and gradient accumulation. The LoRA is added to a copy of the UNet's module tree that shares its
+weights (`shared_copy`): no second copy of the frozen weights, and the base's own UNet is left without adapters. The
+LoRA factors train in fp32 whatever the frozen base's dtype; `gradient_checkpointing` recomputes the UNet's
+activations in the backward pass.
 """
 
 from __future__ import annotations
@@ -102,9 +106,9 @@ class SubjectLoRAModule(L.LightningModule):
                 for m in (self.vae, self.image_encoder, *self._base_unet)]
 
     def restore_shared(self) -> None:
-        """Put the base's VAE, image encoder and UNet weights (shared with this module) back on the device and dtype they had
-        when fitting began. Lightning moves the whole module to the training device at the start and to the CPU at
-        teardown; without this, the studio's base is left half moved."""
+        """Put the base's VAE, image encoder and UNet weights (shared with this module) back on the device and dtype
+        they had when fitting began. Lightning moves the whole module to the training device at the start and to the
+        CPU at teardown; without this, the studio's base is left half moved."""
         for m, device, dtype in self._shared_home or ():
             now = next(m.parameters())
             if now.device != device:
