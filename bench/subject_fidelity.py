@@ -48,6 +48,7 @@ from subjectpaint.evaluate import box_crop, exemplar_embed, exemplar_i, format_t
 from subjectpaint.subject import Subject  # noqa: E402
 from trainers import export  # noqa: E402
 from trainers.lora_module import LR_SCHEDULES  # noqa: E402
+from trainers.recipe import TrainRecipe  # noqa: E402
 
 VALIDATION_PRODUCTS = range(70_000_000, 70_000_100)  # in neither product split
 
@@ -225,12 +226,11 @@ def main(argv=None):
     if args.quick:
         args.products, args.scenes, args.steps, args.sample_steps = 2, 4, args.steps or 40, 10
         args.grid = ""
-    from subjectpaint.subject import DEFAULT_EXPOSURE, DEFAULT_LR, DEFAULT_PLACEMENT_P, DEFAULT_STEPS, DEFAULT_STRENGTH
-
-    steps, lr = args.steps or DEFAULT_STEPS, args.lr or DEFAULT_LR
-    args.strength = DEFAULT_STRENGTH if args.strength is None else args.strength
-    args.exposure = tuple(args.exposure) if args.exposure else DEFAULT_EXPOSURE
-    args.placement_p = DEFAULT_PLACEMENT_P if args.placement_p is None else args.placement_p
+    demo = TrainRecipe.from_preset("demo")  # the preset Subject.train picks for the demo base
+    steps, lr = args.steps or demo.steps, args.lr or demo.lr
+    args.strength = demo.strength if args.strength is None else args.strength
+    args.exposure = tuple(args.exposure) if args.exposure else demo.exposure
+    args.placement_p = demo.placement_p if args.placement_p is None else args.placement_p
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.base == "tiny":
@@ -255,7 +255,7 @@ def main(argv=None):
             if args.oracle:
                 subject = oracle_subject(base, product, index, args.oracle, args, steps, lr)
             else:
-                subject = Subject.train(photos, f"p{ps}", studio, rank=args.rank, steps=steps, batch_size=args.batch,
+                subject = Subject.train(photos, f"p{ps}", studio, "demo", rank=args.rank, steps=steps, batch_size=args.batch,
                                         lr=lr, lr_schedule=args.lr_schedule, strength=args.strength,
                                         dropout=args.dropout, seed=args.seed, targets=tuple(args.targets),
                                         storage="fp32", detector=None, composite_p=args.composite_p,

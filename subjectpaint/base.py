@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+import diffusers
+from diffusers import AutoencoderKL, PNDMScheduler, SchedulerMixin, UNet2DConditionModel
 from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder
 from transformers import CLIPImageProcessor, CLIPVisionConfig
 
@@ -23,6 +24,9 @@ HUB_ID = "Fantasy-Studio/Paint-by-Example"
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
 COMPONENTS = ("vae", "unet", "image_encoder", "scheduler", "feature_extractor")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet attention projections a subject's LoRA adapts
+# `fingerprint()` of the shipped demo weights: the "demo" training preset is for this base only
+# (tests/test_train_recipe.py checks it against the weights).
+DEMO_FINGERPRINT = "f85726da4c1732b756ab9a90f73b6b8b085fb6d7df6bf78995ca21561497fe74"
 
 
 @dataclass
@@ -59,10 +63,13 @@ class ExemplarInpainter:
             unet = UNet2DConditionModel.from_pretrained(
                 source, subfolder="unet", use_safetensors=True, torch_dtype=torch_dtype, **kw
             )
+            # the encoder's config is a CLIPVisionConfig ("clip_vision_model"); read as such, not as the CLIPConfig
+            # the class declares (transformers warns about the type mismatch otherwise)
+            clip = CLIPVisionConfig.from_pretrained(source, subfolder="image_encoder", **kw)
             encoder = PaintByExampleImageEncoder.from_pretrained(
-                source, subfolder="image_encoder", use_safetensors=True, dtype=torch_dtype, **kw
+                source, subfolder="image_encoder", config=clip, use_safetensors=True, dtype=torch_dtype, **kw
             )
-            scheduler = PNDMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+            scheduler = load_scheduler(source, **kw)
             features = CLIPImageProcessor.from_pretrained(source, subfolder="feature_extractor", **kw)
         except (OSError, ValueError, EnvironmentError) as exc:
             raise WeightsNotFound(
@@ -206,6 +213,17 @@ class ExemplarInpainter:
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def load_scheduler(source: str, subfolder: str = "scheduler", **kw):
+    """The scheduler a diffusers directory (or hub id) names in `scheduler_config.json` (`_class_name`), with its
+    whole config, as `DiffusionPipeline.from_pretrained` loads it."""
+    config = PNDMScheduler.load_config(source, subfolder=subfolder, **kw)  # any scheduler class reads the raw file
+    name = config.get("_class_name", "PNDMScheduler")
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise InvalidArgument(f"{source}/{subfolder}: {name!r} is not a diffusers scheduler")
+    return cls.from_config(config)
 
 
 def pbe_scheduler():

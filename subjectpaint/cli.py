@@ -77,20 +77,38 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _recipe_overrides(args) -> dict:
+    """`--set field=value` (value as JSON when it parses: numbers, true/false, lists; else the string) and the
+    shortcut options, as recipe overrides."""
+    import json
+
+    from .errors import InvalidArgument
+
+    overrides = {k: v for k in ("rank", "steps", "lr", "lr_schedule", "strength", "storage", "seed")
+                 if (v := getattr(args, k)) is not None}
+    for item in args.set or ():
+        field, eq, text = item.partition("=")
+        if not eq or not field:
+            raise InvalidArgument(f"--set takes field=value, got {item!r}")
+        try:
+            overrides[field.strip()] = json.loads(text)
+        except ValueError:
+            overrides[field.strip()] = text
+    return overrides
+
+
 def cmd_train(args) -> int:
     from adapters_store import Registry
 
-    from .subject import DEFAULT_STEPS, Subject
+    from .subject import Subject
 
     studio = _load_studio(args)
+    if args.base is None:
+        from . import demo  # noqa: F401  (the demo base: registers its preset's procedural rooms)
     with Registry(args.registry, args.blobs) as registry:
-        subject = Subject.train(args.photos, args.name, studio, rank=args.rank, steps=args.steps or DEFAULT_STEPS,
-                                new_version=args.new_version, storage=args.storage, seed=args.seed,
+        subject = Subject.train(args.photos, args.name, studio, args.recipe, new_version=args.new_version,
                                 registry=registry, workdir=args.workdir, progress=not args.quiet,
-                                detector=None if args.no_detr else args.detector,
-                                lr_schedule=args.lr_schedule,
-                                **({"lr": args.lr} if args.lr is not None else {}),
-                                **({"strength": args.strength} if args.strength is not None else {}))
+                                detector=None if args.no_detr else args.detector, **_recipe_overrides(args))
     if not args.quiet:
         r = subject.record
         print(f"registered {subject.ref}: rank {subject.rank}, {r.byte_size} bytes, "
@@ -192,17 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a subject adapter from 2-4 product photos and register it")
     p.add_argument("name", help="subject name in the registry")
     p.add_argument("photos", nargs="+", help="product photos on a plain backdrop, or cut-outs (transparent PNGs)")
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default 4e-3, for the demo base on a CPU; the paper's 3e-5 for a full-size base)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                   help="constant (default) or cosine decay to 0 at the last step")
+    p.add_argument("--recipe", default=None, help="training preset: paint-by-example (the paper's; the default for "
+                   "any base but the demo) or demo (the default for the demo base)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a recipe field, e.g. --set precision=bf16-mixed --set batch_size=4 (repeatable)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the recipe's, 4)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                   help="constant or cosine decay to 0 at the last step (default: the recipe's)")
     p.add_argument("--strength", type=float, default=None,
-                   help="fraction of the trained weight delta to export (default 0.6, chosen on the demo base)")
+                   help="fraction of the trained weight delta to export (default: the recipe's)")
     p.add_argument("--new-version", action="store_true", help="add a version to an existing name")
-    p.add_argument("--storage", choices=("int8", "fp16", "fp32"), default="int8")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage", choices=("int8", "fp16", "fp32"), default=None, help="(default: the recipe's, int8)")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workdir", default=None, help="keep checkpoints here; rerun to resume")
     p.add_argument("--detector", default="facebook/detr-resnet-50", help="DETR hub id or local dir")
     p.add_argument("--no-detr", action="store_true", help="boxes from the photo backdrop only")

@@ -63,6 +63,10 @@ class Studio:
             return cls(tiny, registry=registry, default_steps=4)
         return cls(ExemplarInpainter.from_pretrained(id_or_dir, torch_dtype=torch_dtype, device=device), registry)
 
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the base in the diffusers Paint-by-Example layout (its scheduler class and config included)."""
+        self.base.save_pretrained(directory)
+
     # ------------------------------------------------------------------ one-shot exemplar inpainting
 
     def inpaint(
@@ -166,8 +170,8 @@ class Studio:
                     exemplar=exemplar_pil,
                     generated=generated,
                     seed=row_seed(i),
-                    info={"steps": steps, "guidance_scale": guidance_scale, "scheduler": scheduler or DEFAULT_SCHEDULER,
-                          "subject": subject.name},
+                    info={"steps": steps, "guidance_scale": guidance_scale,
+                          "scheduler": scheduler or type(self.base.scheduler).__name__, "subject": subject.name},
                 )
         return results  # type: ignore[return-value]
 

@@ -15,7 +15,8 @@ from subjectpaint.cli import main
 from subjectpaint.demo.scenes import EVAL_SEEDS, HELDOUT_PRODUCT_SEEDS, Product, make_scene, product_photos
 from subjectpaint.errors import (BaseMismatch, InvalidArgument, InvalidImage, InvalidName, SubjectPaintError,
                                  VersionExists)
-from subjectpaint.subject import DEFAULT_EXPOSURE, SubjectExists
+from subjectpaint.subject import SubjectExists
+from trainers.recipe import PRESETS
 
 FAST = dict(steps=3, batch_size=2, detector=None, progress=False)
 
@@ -66,13 +67,13 @@ def test_train_registers_loads_and_places(studio, photos, tmp_path):
 
 def test_strength_scales_the_exported_delta(studio, photos):
     # the same run exported at two strengths: A factors equal, B factors (so the weight delta B @ A) in proportion
-    full = Subject.train(photos, "mug", studio, strength=1.0, storage="fp32", **FAST)
-    part = Subject.train(photos, "mug", studio, strength=0.25, storage="fp32", new_version=True, **FAST)
+    full = Subject.train(photos, "mug", studio, "demo", strength=1.0, storage="fp32", **FAST)
+    part = Subject.train(photos, "mug", studio, "demo", strength=0.25, storage="fp32", new_version=True, **FAST)
     training = json.loads(part.metadata["training"])
     assert training["strength"] == 0.25 and training["placement_p"] == 1.0
     # the whole data recipe is recorded, so the adapter can be reproduced from its file
     assert training["composite_p"] == 1.0 and training["upright"] is True
-    assert training["exposure"] == list(DEFAULT_EXPOSURE) and training["accelerator"] == "cpu"
+    assert training["exposure"] == list(PRESETS["demo"].exposure) and training["accelerator"] == "cpu"
     assert training["shadow_p"] == 0.7 and training["backgrounds"] == 32 and training["lr_schedule"] == "constant"
     b_keys = [k for k in full.tensors if k.endswith("lora_B.weight")]
     assert b_keys and max(full.tensors[k].abs().max().item() for k in b_keys) > 0

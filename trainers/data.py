@@ -3,15 +3,15 @@
 
 Every sample is (target, mask, reference):
 - target: a photo itself, or the product cut out with its foreground matte and composited onto a background
-  (any list of images; `Subject.train` passes demo rooms), at a random scale, position and brightness; optionally
-  stood upright (the photo's tilt undone, `upright_angle`) and with a soft contact shadow under it, since a
+  (any list of images: the user's rooms, or the demo preset's procedural rooms), at a random scale, position and
+  brightness; optionally stood upright (the photo's tilt undone, `upright_angle`) and with a soft contact shadow under it, since a
   placement stands the product on a floor or table;
 - mask: with probability `placement_p`, the placement box a user draws for the product (`subjectpaint.masks.
   placement_box`: the product's box, a small margin, room below for its shadow); otherwise the paper's augmented
   mask: the box grown by a random margin, as a box mask or the paper's Bezier mask (never cutting into the product);
 - reference: a square crop around the product in one of the photos, augmented with torchvision v2 (horizontal
-  flip 0.5, rotation up to 20 degrees, blur 0.3, elastic 0.3, as the paper; and brightness/contrast jitter, since
-  the exemplar a placement gets is another photo, lit differently) and normalised for the image encoder.
+  flip 0.5, rotation up to 20 degrees, blur 0.3, elastic 0.3, as the paper; optionally brightness/contrast jitter,
+  since the exemplar a placement gets is another photo, lit differently) and normalised for the image encoder.
 
 Sample `i` is a pure function of `(seed, i)`; `StepSampler` hands step `s` on rank `r` its own ids, starting at
 the Trainer's restored step, so data order and augmentation are the same in an interrupted-and-resumed run.
@@ -150,23 +150,29 @@ def _rotate_cutout(product: np.ndarray, matte: np.ndarray, angle: float) -> tupl
     return rgb[sl], m[sl]
 
 
-class SubjectData(Dataset):
-    """Item i (any int >= 0) is a pure function of (seed, i). `len()` is nominal (one epoch's worth)."""
-
-    reference_augment = v2.Compose([
+def reference_augment(jitter: bool = True) -> v2.Compose:
+    """Paint by Example's reference augmentation (flip 0.5, rotation 20, blur 0.3, elastic 0.3), and with `jitter`
+    brightness/contrast jitter (not in the paper: a placement's exemplar is another photo, lit differently)."""
+    return v2.Compose([
         v2.RandomHorizontalFlip(0.5),
         v2.RandomRotation(20, fill=1.0),
         v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.3),
         v2.RandomApply([v2.ElasticTransform(alpha=20.0, sigma=5.0, fill=1.0)], p=0.3),
-        v2.ColorJitter(brightness=0.2, contrast=0.1),
+        *([v2.ColorJitter(brightness=0.2, contrast=0.1)] if jitter else []),
     ])
+
+
+class SubjectData(Dataset):
+    """Item i (any int >= 0) is a pure function of (seed, i). `len()` is nominal (one epoch's worth)."""
 
     def __init__(self, cutouts: list[Cutout], backgrounds: list[PIL.Image.Image] | None = None, *,
                  size: int, reference_size: int | None = None, seed: int = 0, composite_p: float = 0.6,
                  bezier_p: float = 0.5, placement_p: float = 0.0, upright: bool = False, shadow_p: float = 0.0,
-                 exposure=(0.85, 1.15), mean=CLIP_MEAN, std=CLIP_STD, length: int = 1 << 30):
+                 exposure=(0.85, 1.15), reference_jitter: bool = True, mean=CLIP_MEAN, std=CLIP_STD,
+                 length: int = 1 << 30):
         if not cutouts:
             raise ValueError("SubjectData needs at least one photo")
+        self.reference_augment = reference_augment(reference_jitter)
         self.cutouts, self.size, self.seed, self.length = cutouts, size, seed, length
         self.backgrounds = [b.convert("RGB").resize((size, size), PIL.Image.BICUBIC) for b in backgrounds or []]
         self.composite_p = composite_p if self.backgrounds else 0.0
@@ -283,14 +289,15 @@ class SubjectDataModule(L.LightningDataModule):
                  reference_size: int | None = None, backgrounds: list[PIL.Image.Image] | None = None,
                  batch_size: int = 8, seed: int = 0, composite_p: float = 0.6, bezier_p: float = 0.5,
                  placement_p: float = 0.0, upright: bool = False, shadow_p: float = 0.0, exposure=(0.85, 1.15),
-                 mean=CLIP_MEAN, std=CLIP_STD, num_workers: int = 0):
+                 reference_jitter: bool = True, mean=CLIP_MEAN, std=CLIP_STD, num_workers: int = 0):
         super().__init__()
         if len(photos) != len(annotations) or not photos:
             raise ValueError("need one annotation per photo and at least one photo")
         self.cutouts = [prepare(p, a, size) for p, a in zip(photos, annotations)]
         self.dataset = SubjectData(self.cutouts, backgrounds, size=size, reference_size=reference_size, seed=seed,
                                    composite_p=composite_p, bezier_p=bezier_p, placement_p=placement_p,
-                                   upright=upright, shadow_p=shadow_p, exposure=exposure, mean=mean, std=std)
+                                   upright=upright, shadow_p=shadow_p, exposure=exposure,
+                                   reference_jitter=reference_jitter, mean=mean, std=std)
         self.batch_size, self.num_workers = batch_size, num_workers
 
     @classmethod
@@ -305,6 +312,8 @@ class SubjectDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         rank, world, step = (trainer.global_rank, trainer.world_size, trainer.global_step) if trainer else (0, 1, 0)
+        # with gradient accumulation a "step" of the sampler is one micro-batch
+        step *= trainer.accumulate_grad_batches if trainer else 1
         sampler = StepSampler(self.batch_size, rank, world, start_step=step)
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=False)

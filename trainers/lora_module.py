@@ -6,7 +6,11 @@ target and the masked target, encode the augmented reference, replace the condit
 unconditional vector 20% of the time, noise the latents under the base's DDPM schedule, predict the noise (or v, as the base's scheduler says) from the
 9-channel input (noisy latent 4 + masked-image latent 4 + keep-mask 1), MSE. All randomness of a step (VAE
 sampling, noise, timesteps, condition drop, LoRA dropout) comes from `(seed, global_step, rank)`, so a resumed
-run continues exactly. Lightning owns the loop, checkpoints and progress bar (`make_trainer`, `fit`).
+run continues exactly. Lightning owns the loop, checkpoints and progress bar (`make_trainer`, `fit`), and the
+precision (autocast) and gradient accumulation. The LoRA is added to a copy of the UNet's module tree that shares its
+weights (`shared_copy`): no second copy of the frozen weights, and the base's own UNet is left without adapters. The
+LoRA factors train in fp32 whatever the frozen base's dtype; `gradient_checkpointing` recomputes the UNet's
+activations in the backward pass.
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ def lora_config(rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
                       target_modules=list(targets), init_lora_weights=True)
 
 
+def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module`'s module tree that shares its parameters and buffers (no weight memory): adapters added to
+    the copy (PEFT replaces the target layers) leave the original untouched."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 7_919 + int(rank) * 104_729) % (2**63 - 1)
 
@@ -60,17 +71,25 @@ class SubjectLoRAModule(L.LightningModule):
 
     def __init__(self, base: ExemplarInpainter, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
                  targets=DEFAULT_TARGETS, lr: float = 1e-3, weight_decay: float = 0.0, drop: float = 0.2,
-                 seed: int = 0, lr_schedule: str = "constant"):
+                 seed: int = 0, lr_schedule: str = "constant", gradient_checkpointing: bool = False,
+                 accumulate: int = 1):
         super().__init__()
         check_lr_schedule(lr_schedule)
         self.save_hyperparameters(ignore=["base"])
         self.vae = base.vae.eval().requires_grad_(False)
         self.image_encoder = base.image_encoder.eval().requires_grad_(False)
-        self.unet = copy.deepcopy(base.unet).eval().requires_grad_(False)
+        self.unet = shared_copy(base.unet).eval().requires_grad_(False)
+        self._base_unet = [base.unet]  # (a list: not a submodule) put back on its device by `restore_shared`
         self.config = lora_config(rank, alpha, dropout, targets)
         with torch.random.fork_rng(devices=[]):  # the LoRA init (A ~ Kaiming, B = 0) is a function of the seed
             torch.manual_seed(seed)
             self.unet.add_adapter(self.config, adapter_name=ADAPTER)
+        for p in self.unet.parameters():  # LoRA factors train in fp32 whatever the frozen base's dtype
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.accumulate = int(accumulate)
         # the base's own noise schedule and prediction type (Paint by Example: epsilon; the demo base: v)
         self.noise = DDPMScheduler.from_config(base.scheduler.config)
         if self.noise.config.prediction_type not in PREDICTION_TYPES:  # refused before any training
@@ -83,12 +102,13 @@ class SubjectLoRAModule(L.LightningModule):
     # ------------------------------------------------------------------- the base's shared modules
 
     def _shared_placement(self) -> list:
-        return [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in (self.vae, self.image_encoder)]
+        return [(m, next(m.parameters()).device, next(m.parameters()).dtype)
+                for m in (self.vae, self.image_encoder, *self._base_unet)]
 
     def restore_shared(self) -> None:
-        """Put the base's VAE and image encoder (shared with this module) back on the device and dtype they had
-        when fitting began. Lightning moves the whole module to the training device at the start and to the CPU at
-        teardown; without this, the studio's base is left half moved."""
+        """Put the base's VAE, image encoder and UNet weights (shared with this module) back on the device and dtype
+        they had when fitting began. Lightning moves the whole module to the training device at the start and to the
+        CPU at teardown; without this, the studio's base is left half moved."""
         for m, device, dtype in self._shared_home or ():
             now = next(m.parameters())
             if now.device != device:
@@ -111,14 +131,21 @@ class SubjectLoRAModule(L.LightningModule):
     def on_train_start(self):
         self.unet.train()  # LoRA dropout on (the frozen UNet itself has no dropout); VAE and encoder stay eval
 
+    def _micro_step(self, batch_idx: int) -> int:
+        """The forward pass's index: the optimizer step without gradient accumulation, else step * k + micro-batch."""
+        if self.accumulate == 1:
+            return self.global_step
+        return self.global_step * self.accumulate + batch_idx % self.accumulate
+
     def on_train_batch_start(self, batch, batch_idx):
         # LoRA dropout draws from the global generator: pin it to the step too
-        torch.manual_seed(_step_seed(self.seed, self.global_step, self.global_rank) + 1)
+        torch.manual_seed(_step_seed(self.seed, self._micro_step(batch_idx), self.global_rank) + 1)
 
     def training_step(self, batch, batch_idx):
         target, mask, reference = batch["target"], batch["mask"], batch["reference"]
         b, device = target.shape[0], target.device
-        g = torch.Generator(device=device).manual_seed(_step_seed(self.seed, self.global_step, self.global_rank))
+        step = self._micro_step(batch_idx)
+        g = torch.Generator(device=device).manual_seed(_step_seed(self.seed, step, self.global_rank))
         scale = self.vae.config.scaling_factor
         dtype = self.unet.dtype
         with torch.no_grad():

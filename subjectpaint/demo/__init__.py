@@ -1,5 +1,6 @@
 """The embedded demo: a procedural product-in-room scene generator (`subjectpaint.demo.scenes`) whose true
-composites make inpainting quality a number, and the small base trained on it."""
+composites make inpainting quality a number, and the small base trained on it. Importing it registers the "demo"
+training preset's procedural rooms (`subjectpaint.demo.preset`)."""
 
 from .scenes import (  # noqa: F401
     EVAL_SEEDS,
@@ -19,3 +20,4 @@ from .scenes import (  # noqa: F401
     product_split,
     scene_split,
 )
+from . import preset  # noqa: F401,E402  (registers the demo preset's rooms with trainers.recipe)
