@@ -26,7 +26,7 @@ from collections.abc import Callable
 def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
               sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function: `warmup` untimed calls each, then `repeats` rounds in which every
-    function runs once, the order rotated round to round (A B, B A, ... for two). `sync` (e.g.
+    function runs once, the order rotated round to round (A B, B A, A B, ... for two; A B C, B C A, ...). `sync` (e.g.
     torch.cuda.synchronize) runs before and after each timed call."""
     names = list(fns)
     for _ in range(warmup):
@@ -34,9 +34,7 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        if r % 2:
-            order = order[::-1]
+        order = names[r % len(names):] + names[: r % len(names)]  # each function in each position in turn
         for name in order:
             if sync is not None:
                 sync()
