@@ -14,13 +14,13 @@ Goals: 0 lost, 0 failed beyond the injected ones.
 import argparse
 import asyncio
 import base64
-import contextlib
 import io
 import os
 import random
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -171,22 +171,26 @@ def main():
     print(f"trained {subjects} subjects in {time.perf_counter() - t0:.1f} s", flush=True)
     modes = {"batched": 8, "unbatched": 1}
     per_round = [requests // rounds + (r < requests % rounds) for r in range(rounds)]
-    with contextlib.ExitStack() as stack:
-        servers = {}
-        for n, (mode, batch) in enumerate(modes.items()):
-            options = ["--base", "tiny", "--registry", url, "--blobs", blobs, "--max-batch-size", str(batch),
-                       "--batch-timeout", "0.02", "--steps", str(args.steps)]
-            servers[mode] = stack.enter_context(local_server(*options, port=args.port + n))
+    # both servers start (and stop) at once: each takes tens of seconds to import and spawn its workers
+    servers = {mode: local_server("--base", "tiny", "--registry", url, "--blobs", blobs, "--max-batch-size",
+                                  str(batch), "--batch-timeout", "0.02", "--steps", str(args.steps), port=args.port + n)
+               for n, (mode, batch) in enumerate(modes.items())}
+    with ThreadPoolExecutor(len(servers)) as pool:
+        urls = dict(zip(servers, pool.map(lambda cm: cm.__enter__(), servers.values())))
+    try:
         print(f"servers up at {time.perf_counter() - t0:.1f} s", flush=True)
-        for mode, base in servers.items():  # warm-up (adapters, JIT)
+        for mode, base in urls.items():  # warm-up (adapters, JIT)
             asyncio.run(drive(base, key, place_bodies(8, subjects, args.steps, 99), min(clients, 4), args.timeout))
         runs: dict[str, list[dict]] = {mode: [] for mode in modes}
         for r in range(rounds):  # alternate the modes round by round, the order flipped each round
-            order = list(modes)[:: 1 if r % 2 == 0 else -1]
-            for mode in order:
+            for mode in list(modes)[:: 1 if r % 2 == 0 else -1]:
                 bodies = place_bodies(per_round[r], subjects, args.steps, seed=r,
                                       unknown=args.inject_failures if r == 0 else 0)
-                runs[mode].append(asyncio.run(drive(servers[mode], key, bodies, clients, args.timeout)))
+                runs[mode].append(asyncio.run(drive(urls[mode], key, bodies, clients, args.timeout)))
+    finally:
+        with ThreadPoolExecutor(len(servers)) as pool:
+            list(pool.map(lambda cm: cm.__exit__(None, None, None), servers.values()))
+    print(f"servers down at {time.perf_counter() - t0:.1f} s", flush=True)
     results = {mode: pooled(rs) for mode, rs in runs.items()}
     for mode, r in results.items():
         print(f"{mode:9s}: {r['ok']}/{r['requests']} ok, {r['failed']} failed, {r['lost']} lost {r['failures']}; "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = sorted(p for p in (ROOT / "bench").glob("*.py") if not p.name.startswith("_"))
@@ -107,6 +108,55 @@ def test_alternate_rotates_and_warms():
     times = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]  # warm-up untimed, then the order alternates
     assert len(times["a"]) == len(times["b"]) == 3
+
+
+# ---------------------------------------------------------------------------------------- sampler overhead
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "euler", "euler_a", "dpm++", "unipc"])
+def test_sampler_loop_never_syncs_and_idle_hooks_cost_nothing(tiny_base, scene, scheduler):
+    """Per denoising step: no host-device synchronisation, no more ops than diffusers' pipeline (same weights,
+    scheduler, seed), and the same ops with hooks that do nothing or a per-pixel start that is over. (Euler's step
+    reads its sigma twice, `s_tmin <= sigma <= s_tmax`; diffusers keeps that table on the CPU on purpose, so on a
+    GPU it is no synchronisation, but a CPU run cannot tell it from one: both sides count 2 there.)"""
+    from bench.sampler_overhead import count_per_step
+
+    from subjectpaint.images import load_mask, pil_to_tensor
+    from subjectpaint.sampler import LatentStart, Sampler, SamplerHook, make_scheduler
+
+    room, mask, exemplar = scene
+    emb, unc = tiny_base.encode_exemplar([exemplar])
+    image, mask_t = pil_to_tensor(room), load_mask(mask, room.size)[None, None]
+
+    def ours(hooks=()):
+        return lambda: Sampler(tiny_base, progress=False)(
+            image, mask_t, emb, uncond=unc, num_inference_steps=4, scheduler=scheduler,
+            generator=torch.Generator().manual_seed(0), hooks=list(hooks))
+
+    pipe = tiny_base.to_pipeline()
+    pipe.scheduler = make_scheduler(scheduler, tiny_base.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def theirs():
+        pipe(example_image=exemplar, image=room, mask_image=mask, num_inference_steps=4,
+             generator=torch.Generator().manual_seed(0), output_type="latent")
+
+    with torch.no_grad():
+        plain, peer = count_per_step(tiny_base.unet, ours()), count_per_step(tiny_base.unet, theirs)
+        idle = count_per_step(tiny_base.unet, ours([SamplerHook(), SamplerHook()]))
+        h, w = (n // tiny_base.vae_scale_factor for n in image.shape[-2:])
+        start = torch.zeros(1, 1, h, w, dtype=torch.long)
+        start[..., 0, 0] = 2  # one pixel held for two steps: from step 2 on the hook has nothing to do
+        held = count_per_step(tiny_base.unet, ours([LatentStart(start, torch.zeros(1, 4, h, w))]))
+    host_reads = 2 if scheduler == "euler" else 0
+    assert plain["syncs_per_step"] == idle["syncs_per_step"] == held["syncs_per_step"] == host_reads
+    assert peer["syncs_per_step"] >= host_reads
+    assert plain["ops_per_step"] <= peer["ops_per_step"]
+    assert idle["ops_in_steps"] == plain["ops_in_steps"]
+    assert held["ops_in_steps"] > plain["ops_in_steps"]  # step 1 does the hook's work ...
+    held_late = count_per_step(tiny_base.unet, ours([LatentStart(torch.zeros(1, 1, h, w, dtype=torch.long),
+                                                                 torch.zeros(1, 4, h, w))]))
+    assert held_late["ops_in_steps"] == plain["ops_in_steps"]  # ... and a start that is over costs nothing
 
 
 # ---------------------------------------------------------------------------------------- serve_load counting
