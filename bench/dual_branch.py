@@ -10,7 +10,6 @@ median of the paired ratios with its 95 % interval (goal <= 2.1 on the upper bou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

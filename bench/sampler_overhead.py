@@ -17,7 +17,6 @@ Last stdout line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time

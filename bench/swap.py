@@ -175,7 +175,7 @@ def main():
               f"{ms(t['load_delete'])} ms, in-place copy into PEFT {ms(t['inplace'])} ms", flush=True)
         c = alternate({"ours": cold, "hotswap_file": hotswap_file}, repeats=repeats, warmup=1)
         print(f"cold: ours {ms(c['ours'])} ms, diffusers hot-swap from file {ms(c['hotswap_file'])} ms", flush=True)
-    del peer, copy_sources
+    peer = copy_sources = None  # frees the peer's UNet copy before the flat part
 
     # ---------------------------------------------------------------- flat: 1 registered/cached vs N/M
     def studio_with(n_reg, n_cache, tag):

@@ -5,6 +5,7 @@ The smoke test discovers the benches by glob, so a new bench is checked without 
 in its own subprocess with `--quick` (under a minute on 2 cores) and must exit 0, write nothing inside the
 repository, and print one JSON object last with `goal_met` (a bool) and the goals it was judged by; a bench that
 times against a peer (any `*ratio*` / `*speedup*` figure with an interval) carries the interval and `repeats`.
+SUBJECTPAINT_BENCH_LOG=DIR keeps every bench's stdout and stderr there.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def test_bench_quick(bench, tmp_path):
            "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(bench), "--quick"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
+    if os.environ.get("SUBJECTPAINT_BENCH_LOG"):  # keep every bench's output (for the README's table)
+        log = Path(os.environ["SUBJECTPAINT_BENCH_LOG"])
+        log.mkdir(parents=True, exist_ok=True)
+        (log / f"{bench.stem}.out").write_text(proc.stdout)
+        (log / f"{bench.stem}.err").write_text(proc.stderr)
     tail = (proc.stdout[-2000:] + "\n--- stderr ---\n" + proc.stderr[-3000:])
     assert proc.returncode == 0, f"{bench.name} --quick exited {proc.returncode}\n{tail}"
     lines = proc.stdout.strip().splitlines()
