@@ -16,7 +16,6 @@ fidelity cost in bench/subject_fidelity.py (`compression_loss_db`). Goal: <= 1.0
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
+from bench._stats import finish  # noqa: E402
 from trainers import export  # noqa: E402
 from trainers.lora_module import DEFAULT_TARGETS  # noqa: E402
 
@@ -90,8 +90,8 @@ def main(argv=None):
                "bytes": {str(r["rank"]): {f: r[f] for f in forms} for r in rows},
                "default_setting": "rank 4, int8 factors (Subject.train storage='int8')",
                "default_bytes": default["int8"], "default_mb": round(default["int8"] / 1e6, 3),
-               "goal_mb": 1.0, "goal_met": default["int8"] <= 1_000_000}
-    print(json.dumps(summary))
+               }
+    finish(summary, {"default_mb": "<= 1.0"})
 
 
 if __name__ == "__main__":

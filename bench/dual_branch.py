@@ -3,24 +3,24 @@
 Full run: the demo base (64 px, 25 DDIM steps) on a demo scene, every ViMAEdit part on (injection, grounding,
 adaptive variance, embedding guidance); `--model sd15` uses an SD1.5-shaped random base at `--size` px instead.
 `--quick`: the tiny test model at 32x48, 4 steps (well under a minute).
-Runs alternate (plain, dual, plain, ...) after a warm-up; the medians are compared.
-Last stdout line: one JSON object with `ratio` = dual / plain (goal <= 2.1).
+Both are warmed, then alternate (plain dual, dual plain, ...; bench/_stats.py); `ratio` = dual / plain is the
+median of the paired ratios with its 95 % interval (goal <= 2.1 on the upper bound). Last stdout line: JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from bench._stats import alternate, finish, ratio_stats  # noqa: E402
 
 
 def setup(args):
@@ -52,10 +52,10 @@ def main():
     parser.add_argument("--size", type=int, default=256, help="image side for --model sd15")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--base", default=None, help="a diffusers Paint-by-Example directory (default: the demo base)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="alternating rounds (5 with --quick)")
     args = parser.parse_args()
     if args.quick:
-        args.repeats = min(args.repeats, 3)
+        args.repeats = min(args.repeats, 5)
     torch.manual_seed(0)
     studio, (room, mask, exemplar), kw, model = setup(args)
     session = studio.dual_branch(seed=0, **kw)
@@ -66,21 +66,14 @@ def main():
     def dual():
         session.place(exemplar, room, mask)
 
-    plain(), dual()  # warm-up
-    times = {"plain": [], "dual": []}
-    for _ in range(args.repeats):
-        for name, fn in (("plain", plain), ("dual", dual)):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times = alternate({"plain": plain, "dual": dual}, repeats=args.repeats, warmup=1)
     p, d = statistics.median(times["plain"]), statistics.median(times["dual"])
+    result = {"bench": "dual_branch", "model": model, "quick": args.quick, "steps": kw["steps"],
+              "threads": torch.get_num_threads(), "plain_s": round(p, 4), "dual_s": round(d, 4),
+              **ratio_stats(times["dual"], times["plain"], digits=3)}
     print(f"{model}: plain {p * 1000:.0f} ms, dual-branch {d * 1000:.0f} ms (median of {args.repeats}), "
-          f"ratio {d / p:.2f}")
-    print(json.dumps({
-        "bench": "dual_branch", "model": model, "quick": args.quick, "steps": kw["steps"],
-        "threads": torch.get_num_threads(), "plain_s": round(p, 4), "dual_s": round(d, 4),
-        "ratio": round(d / p, 3), "goal": 2.1, "ok": d / p <= 2.1,
-    }))
+          f"ratio {result['ratio']} [{result['ratio_lo']}, {result['ratio_hi']}]")
+    finish(result, {"ratio": "<= 2.1"})
 
 
 if __name__ == "__main__":

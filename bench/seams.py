@@ -20,7 +20,6 @@ and outside the mask (the band each method is allowed to touch). Last stdout lin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._stats import finish  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
@@ -157,8 +158,9 @@ def main(argv=None) -> int:
               "grow": args.grow, "blur": args.blur, "ramp": args.ramp, "band": args.band, "schedule": args.schedule,
               "paste": args.paste,
               "binary": b, "progressive": p, "seam_error_ratio": round(p["seam_error"] / b["seam_error"], 4),
-              "progressive_better_seams": p["seam_error"] < b["seam_error"], "scene_wins": wins}
-    print(json.dumps(result))
+              "progressive_better_seams": p["seam_error"] < b["seam_error"], "scene_wins": wins,
+              "bg_outside_mask_progressive": p["bg_outside_mask_mean"]}
+    finish(result, {"seam_error_ratio": "< 1", "bg_outside_mask_progressive": "== 0"})
     return 0
 
 

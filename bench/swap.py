@@ -1,35 +1,44 @@
-"""Adapter swap latency: our slots vs diffusers, all in one run.
+"""Adapter swap latency: our slots vs diffusers / PEFT, all in one run, alternated and warmed.
 
-- warm: adapter already in RAM. Ours: `Slots.activate(laid_out)` (one copy). Peers: diffusers
-  `unet.load_lora_adapter(state_dict, hotswap=True)` (in-place hot-swap from RAM) and diffusers load + delete.
+- warm (adapter already in RAM). Ours: `Slots.activate(laid_out)` (one copy of the adapter's rank rows).
+  Peers on their own UNet copy: diffusers `unet.load_lora_adapter(state_dict, hotswap=True)` (the hot-swap API,
+  from RAM); diffusers load + delete; and the floor: a plain in-place `copy_` of every factor into PEFT's
+  `lora_A` / `lora_B` weights (what any hot-swap must at least do; the factors pre-converted to the UNet's dtype).
 - cold: ours = registry lookup + blob read + sha256 verify + decode + layout + copy (RAM tier cleared first);
   peer = diffusers hot-swap from the safetensors file.
-- flat: our warm swap through the Studio (registry record -> RAM tier hit -> slots) with 1,000 registered and 100
-  cached adapters vs with 1 registered and 1 cached. Also the lookup alone (SQL + RAM-tier hit, no copy): the full
-  swap's ratio includes the copy's source leaving the CPU cache (one cached adapter stays in the last-level cache,
-  one of 100 is read from DRAM), which does not depend on the registry.
+- flat: our warm swap through the Studio (registry lookup -> RAM tier hit -> slots) with N registered and M
+  cached adapters vs with 1 registered and 1 cached, every adapter the same rank, the two studios timed in
+  alternating rounds. Also the lookup alone (SQL + RAM-tier hit, no copy): the full swap's ratio includes the
+  copy's source leaving the CPU cache (one cached adapter stays in the last-level cache, one of M is read from
+  DRAM), which does not depend on the registry. Registered adapters beyond the M cached ones reuse their bytes
+  (distinct names and rows, shared blobs): they are only looked up, never loaded.
 
-Full run: SD1.5-shaped random UNet (9 input channels, ~860M params), rank-8 adapters on to_q/k/v/out.0.
-`--quick`: the tiny test UNet. Goals: warm >= 20x faster than diffusers hot-swap, cold >= 3x, flat <= 1.1x.
-Last stdout line: one JSON object.
+Every figure is a median of paired per-round ratios with its 95 % interval (bench/_stats.py); a goal is met only
+when the interval's bound meets it. Full run: SD1.5-shaped random UNet (9 input channels, ~860M params),
+rank-8 adapters on to_q/k/v/out.0, 1,000 registered / 100 cached. `--quick`: the tiny test UNet, 50 / 10.
+Goals: warm >= 20x faster than diffusers hot-swap, cold >= 3x, flat <= 1.1x. Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+
+from bench._stats import alternate, finish, ratio_stats  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -51,24 +60,25 @@ def random_adapter(shapes, rank, seed, dtype=torch.float16):
     return sd, meta
 
 
-def timed(fn, repeats):
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+def per_call(fn, n):
+    """fn called n times in one timed unit (sub-millisecond calls); the unit's time is divided by n after."""
+    def unit():
+        for _ in range(n):
+            fn()
+    return unit
 
 
 def ms(values):
-    return round(statistics.median(values) * 1000, 3)
+    return round(statistics.median(values) * 1000, 4)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny UNet, 50 registered adapters (< 1 min)")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="alternating rounds per comparison")
+    parser.add_argument("--registered", type=int, default=None, help="default 1000 (50 with --quick)")
+    parser.add_argument("--cached", type=int, default=None, help="default 100 (10 with --quick)")
     args = parser.parse_args()
 
     from adapters_store.registry import Registry
@@ -77,41 +87,38 @@ def main():
     from subjectpaint.slots import Adapter
     from subjectpaint.studio import Studio
 
+    base = ExemplarInpainter.tiny(0)
     if args.quick:
-        base = ExemplarInpainter.tiny(0)
-        n_registered, n_cached, repeats = 50, 10, args.repeats or 30
+        n_registered, n_cached, repeats, inner = 50, 10, args.repeats or 8, 20
     else:
         from diffusers import UNet2DConditionModel
 
-
         torch.manual_seed(0)
         unet = UNet2DConditionModel(sample_size=64, in_channels=9, out_channels=4, cross_attention_dim=768)
-        base = ExemplarInpainter.tiny(0)
         base.unet = unet.eval().requires_grad_(False)
-        n_registered, n_cached, repeats = 1000, 100, args.repeats or 10
+        n_registered, n_cached, repeats, inner = 1000, 100, args.repeats or 15, 10
+    n_registered, n_cached = args.registered or n_registered, args.cached or n_cached
     unet = base.unet
     print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M params", flush=True)
     scratch = tempfile.TemporaryDirectory(prefix="swap-bench-")  # removed when the run ends, even on error
     work = Path(scratch.name)
     shapes = target_shapes(unet)
-    adapters = [random_adapter(shapes, args.rank, s) for s in range(3)]
+    adapters = [random_adapter(shapes, args.rank, s) for s in range(max(3, n_cached))]
     files = []
-    for i, (sd, meta) in enumerate(adapters):
+    for i, (sd, meta) in enumerate(adapters[:3]):
         files.append(work / f"a{i}.safetensors")
         save_file(sd, str(files[-1]), metadata=meta)
-
-    # ---------------------------------------------------------------- diffusers (peer), its own UNet copy
-    import copy
-
-    peer = copy.deepcopy(unet)
-    peer.load_lora_adapter(dict(adapters[0][0]), prefix="unet", adapter_name="slot", metadata=json.loads(
-        adapters[0][1]["lora_adapter_metadata"]))
+    metas = [json.loads(meta["lora_adapter_metadata"]) for _, meta in adapters]
     k = iter(range(10**9))
+
+    # ---------------------------------------------------------------- diffusers / PEFT (peers), own UNet copy
+    peer = copy.deepcopy(unet)
+    peer.load_lora_adapter(dict(adapters[0][0]), prefix="unet", adapter_name="slot", metadata=metas[0])
 
     def hotswap_ram():
         i = next(k) % 2 + 1
         peer.load_lora_adapter(dict(adapters[i][0]), prefix="unet", adapter_name="slot", hotswap=True,
-                               metadata=json.loads(adapters[i][1]["lora_adapter_metadata"]))
+                               metadata=metas[i])
 
     def hotswap_file():
         i = next(k) % 2 + 1
@@ -121,22 +128,29 @@ def main():
     def load_delete():
         i = next(k) % 2 + 1
         peer.delete_adapters("slot")
-        peer.load_lora_adapter(dict(adapters[i][0]), prefix="unet", adapter_name="slot",
-                               metadata=json.loads(adapters[i][1]["lora_adapter_metadata"]))
+        peer.load_lora_adapter(dict(adapters[i][0]), prefix="unet", adapter_name="slot", metadata=metas[i])
 
-    hotswap_ram(), hotswap_file(), load_delete()  # warm-up
-    t_hot_ram = timed(hotswap_ram, repeats)
-    t_hot_file = timed(hotswap_file, repeats)
-    t_load_delete = timed(load_delete, repeats)
-    print(f"diffusers hotswap from RAM {ms(t_hot_ram)} ms, from file {ms(t_hot_file)} ms, "
-          f"load+delete {ms(t_load_delete)} ms", flush=True)
-    del peer
+    def peft_pairs(i):
+        """(PEFT's lora weight, adapter i's factor in the weight's dtype) for every wrapped module."""
+        sd = adapters[i][0]
+        pairs = []
+        for name, module in peer.named_modules():
+            if hasattr(module, "lora_A") and "slot" in module.lora_A:
+                for part in ("lora_A", "lora_B"):
+                    w = getattr(module, part)["slot"].weight
+                    pairs.append((w, sd[f"unet.{name}.{part}.weight"].to(w.dtype)))
+        return pairs
+
+    def inplace_copy():  # the floor: every factor copied in place, nothing checked, nothing looked up
+        for w, src in copy_sources[next(k) % 2]:
+            w.copy_(src)
 
     # ---------------------------------------------------------------- ours
     registry = Registry(f"sqlite:///{work / 'registry.db'}", work / "blobs")
     studio = Studio(base, registry=registry, cache_bytes=64 << 30)
-    records = [registry.register(f"subject-{i}", sd, meta, base.fingerprint()) for i, (sd, meta) in enumerate(adapters)]
-    flats = [studio.slots.layout(Adapter.from_state_dict(sd, meta)) for sd, meta in adapters]
+    for i, (sd, meta) in enumerate(adapters[:3]):
+        registry.register(f"subject-{i}", sd, meta, base.fingerprint())
+    flats = [studio.slots.layout(Adapter.from_state_dict(sd, meta)) for sd, meta in adapters[:3]]
 
     def warm():
         studio.slots.activate(flats[next(k) % 3])
@@ -147,20 +161,32 @@ def main():
         registry.cache.clear()
         studio.activate(SimpleNamespace(name=f"subject-{i}", record=registry.get(f"subject-{i}@1"), exemplar=None))
 
-    warm(), cold()
-    t_warm, t_cold = timed(warm, repeats * 10), timed(cold, repeats)
-    print(f"ours warm {ms(t_warm)} ms, cold {ms(t_cold)} ms", flush=True)
+    with torch.no_grad():
+        # (reload the peer after slots were injected into `unet`: the peer is its own deepcopy, untouched)
+        copy_sources = [peft_pairs(1), peft_pairs(2)]
+        # warm: ours vs hot-swap vs load+delete vs the in-place floor, one round each in rotating order
+        heavy = 1 if not args.quick else 2  # peers' calls are 100x ours: fewer per timed unit
+        t = alternate({"ours": per_call(warm, inner), "hotswap": per_call(hotswap_ram, heavy),
+                       "load_delete": per_call(load_delete, heavy), "inplace": per_call(inplace_copy, inner)},
+                      repeats=repeats, warmup=1)
+        t = {"ours": [x / inner for x in t["ours"]], "hotswap": [x / heavy for x in t["hotswap"]],
+             "load_delete": [x / heavy for x in t["load_delete"]], "inplace": [x / inner for x in t["inplace"]]}
+        print(f"warm: ours {ms(t['ours'])} ms, diffusers hot-swap {ms(t['hotswap'])} ms, load+delete "
+              f"{ms(t['load_delete'])} ms, in-place copy into PEFT {ms(t['inplace'])} ms", flush=True)
+        c = alternate({"ours": cold, "hotswap_file": hotswap_file}, repeats=repeats, warmup=1)
+        print(f"cold: ours {ms(c['ours'])} ms, diffusers hot-swap from file {ms(c['hotswap_file'])} ms", flush=True)
+    peer = copy_sources = None  # frees the peer's UNet copy before the flat part
 
     # ---------------------------------------------------------------- flat: 1 registered/cached vs N/M
-    def studio_swap_latency(n_reg, n_cache, tag):
+    def studio_with(n_reg, n_cache, tag):
         reg = Registry(f"sqlite:///{work / f'flat-{tag}.db'}", work / "blobs")
         st = Studio(base, registry=reg, cache_bytes=64 << 30)
         st._slots = studio.slots  # same slots, own registry + RAM tier
         recs = []
         for i in range(n_reg):
-            sd, meta = random_adapter(shapes, 4, 1000 + i) if i >= 3 else adapters[i % 3]
+            sd, meta = adapters[i % len(adapters)]  # all at --rank; beyond the cached ones, shared bytes
             recs.append(reg.register(f"s{i}", sd, meta, base.fingerprint()))
-            if n_reg > 50 and i % 100 == 0:
+            if n_reg > 50 and i % 200 == 0:
                 print(f"  registered {i}/{n_reg}", flush=True)
         subjects = [SimpleNamespace(name=r.name, record=r, exemplar=None) for r in recs[:n_cache]]
         for s in subjects:
@@ -175,35 +201,42 @@ def main():
             s = subjects[rng.randrange(len(subjects))]
             st.laid_out(SimpleNamespace(name=s.name, record=reg.get(s.name), exemplar=None))
 
-        swap(), lookup()
-        return timed(swap, repeats * 5), timed(lookup, repeats * 5), st.adapter_cache.stats()
+        return swap, lookup, st
 
-    t_flat_1, t_look_1, _ = studio_swap_latency(1, 1, "one")
-    t_flat_n, t_look_n, stats = studio_swap_latency(n_registered, n_cached, "many")
-    print(f"studio swap (lookup + RAM hit + copy): 1/1 {ms(t_flat_1)} ms, {n_registered}/{n_cached} "
-          f"{ms(t_flat_n)} ms; lookup alone {ms(t_look_1)} vs {ms(t_look_n)} ms; cache {stats}", flush=True)
+    swap_1, lookup_1, _ = studio_with(1, 1, "one")
+    swap_n, lookup_n, st_n = studio_with(n_registered, n_cached, "many")
+    with torch.no_grad():
+        f = alternate({"one": per_call(swap_1, inner), "many": per_call(swap_n, inner)}, repeats=repeats, warmup=2)
+        lk = alternate({"one": per_call(lookup_1, inner), "many": per_call(lookup_n, inner)}, repeats=repeats,
+                       warmup=2)
+    f = {n: [x / inner for x in v] for n, v in f.items()}
+    lk = {n: [x / inner for x in v] for n, v in lk.items()}
+    tag = f"{n_registered}_registered_{n_cached}_cached"
+    print(f"studio swap (lookup + RAM hit + copy): 1/1 {ms(f['one'])} ms, {n_registered}/{n_cached} "
+          f"{ms(f['many'])} ms; lookup alone {ms(lk['one'])} vs {ms(lk['many'])} ms; cache "
+          f"{st_n.adapter_cache.stats()}", flush=True)
 
     result = {
-        "bench": "swap",
-        "shape": "tiny" if args.quick else "sd15",
-        "rank": args.rank,
-        "ours_warm_ms": ms(t_warm),
-        "diffusers_hotswap_ram_ms": ms(t_hot_ram),
-        "diffusers_load_delete_ms": ms(t_load_delete),
-        "warm_speedup_vs_hotswap": round(statistics.median(t_hot_ram) / statistics.median(t_warm), 1),
-        "warm_speedup_vs_load_delete": round(statistics.median(t_load_delete) / statistics.median(t_warm), 1),
-        "ours_cold_ms": ms(t_cold),
-        "diffusers_hotswap_file_ms": ms(t_hot_file),
-        "cold_speedup_vs_hotswap_file": round(statistics.median(t_hot_file) / statistics.median(t_cold), 2),
-        "studio_swap_1_ms": ms(t_flat_1),
-        f"studio_swap_{n_registered}_registered_{n_cached}_cached_ms": ms(t_flat_n),
-        "flat_ratio": round(statistics.median(t_flat_n) / statistics.median(t_flat_1), 3),
-        "lookup_1_ms": ms(t_look_1),
-        f"lookup_{n_registered}_registered_{n_cached}_cached_ms": ms(t_look_n),
-        "lookup_flat_ratio": round(statistics.median(t_look_n) / statistics.median(t_look_1), 3),
-        "goals": {"warm_speedup_vs_hotswap": ">= 20", "cold_speedup_vs_hotswap_file": ">= 3", "flat_ratio": "<= 1.1"},
+        "bench": "swap", "shape": "tiny" if args.quick else "sd15", "rank": args.rank, "quick": args.quick,
+        "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6),
+        "ours_warm_ms": ms(t["ours"]), "diffusers_hotswap_ram_ms": ms(t["hotswap"]),
+        "diffusers_load_delete_ms": ms(t["load_delete"]), "peft_inplace_copy_ms": ms(t["inplace"]),
+        **ratio_stats(t["hotswap"], t["ours"], "warm_speedup_vs_hotswap", 2),
+        **ratio_stats(t["load_delete"], t["ours"], "warm_speedup_vs_load_delete", 2),
+        # ours / the floor: < 1 is faster than copying PEFT's weights in place (one copy of the rank rows
+        # instead of one per factor)
+        **ratio_stats(t["ours"], t["inplace"], "warm_vs_inplace_copy", 3),
+        "ours_cold_ms": ms(c["ours"]), "diffusers_hotswap_file_ms": ms(c["hotswap_file"]),
+        **ratio_stats(c["hotswap_file"], c["ours"], "cold_speedup_vs_hotswap_file", 2),
+        "studio_swap_1_registered_1_cached_ms": ms(f["one"]), f"studio_swap_{tag}_ms": ms(f["many"]),
+        **ratio_stats(f["many"], f["one"], "flat_ratio", 3),
+        "lookup_1_registered_1_cached_ms": ms(lk["one"]), f"lookup_{tag}_ms": ms(lk["many"]),
+        **ratio_stats(lk["many"], lk["one"], "lookup_flat_ratio", 3),
+        "flat_is": f"{n_registered} registered / {n_cached} cached vs 1 / 1, all rank {args.rank}",
+        "repeats": repeats,
     }
-    print(json.dumps(result))
+    finish(result, {"warm_speedup_vs_hotswap": ">= 20", "cold_speedup_vs_hotswap_file": ">= 3",
+                    "flat_ratio": "<= 1.1"})
 
 
 if __name__ == "__main__":

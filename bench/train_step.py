@@ -4,10 +4,12 @@ same batch, same run.
     OMP_WAIT_POLICY=PASSIVE python bench/train_step.py            # demo base (tiny if its weights are absent)
     OMP_WAIT_POLICY=PASSIVE python bench/train_step.py --quick    # tiny base, few steps (< 1 min)
 
-Each side runs in its own subprocess (so peak memory is its own): build the model, then `--steps` optimizer
+Each run builds its model, then takes `--steps` optimizer
 steps on one fixed batch; we record the median step time (start-to-start wall time, after `--warmup` steps) and the peak memory during
-training above the memory held just before it (CUDA: max_memory_allocated; CPU: ru_maxrss - RSS). The sides
-alternate `--repeats` times; each side's best median counts. Goal: time ratio <= 1.05, memory ratio <= 1.1.
+training above the memory held just before it (CUDA: max_memory_allocated; CPU: ru_maxrss - RSS). Memory: each
+side once in its own process. Time: both sides in one process, a warm-up round, then `--repeats` alternating
+rounds; `time_ratio` is the median of the paired per-round ratios with its 95 % interval (bench/_stats.py).
+Goal: time ratio <= 1.05 (upper bound), memory ratio <= 1.1.
 Both sides: AdamW, same LoRA (rank 4 on to_q/to_k/to_v/to_out.0), same loss code path for the plain loop
 (written out below, not the module's), progress bar off. Last stdout line: JSON.
 """
@@ -25,6 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._stats import finish, ratio_stats  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -174,40 +178,58 @@ def child(args) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny base, 12 steps, batch 4")
+    ap.add_argument("--quick", action="store_true", help="tiny base, 10 steps, batch 4, 4 rounds")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7, help="alternating timing rounds (4 with --quick)")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--side", choices=("lightning", "plain"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup, args.batch = 12, 3, 4
+        args.steps, args.warmup, args.batch, args.repeats = 10, 2, 4, min(args.repeats, 4)
     if args.side:
         return child(args)
-    results = {"lightning": [], "plain": []}
-    for _ in range(args.repeats):
-        for side in ("plain", "lightning"):
-            cmd = [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--batch", str(args.batch)] + ["--quick"] * args.quick + ["--cpu"] * args.cpu
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            results[side].append(json.loads(out))
-    best = {s: min(r["median_s"] for r in rs) for s, rs in results.items()}
-    mem = {s: min(r["peak_bytes"] for r in rs) for s, rs in results.items()}
+
+    # 1. peak memory: each side in its own process (ru_maxrss only grows), both at once
+    def command(side):
+        return [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--batch", str(args.batch)] + ["--quick"] * args.quick + ["--cpu"] * args.cpu
+
+    children = {side: subprocess.Popen(command(side), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                for side in ("plain", "lightning")}
+    memory = {}
+    for side, proc in children.items():
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"the {side} side exited {proc.returncode}")
+        memory[side] = json.loads(out.strip().splitlines()[-1])
+
+    # 2. step time: both sides in this process, one warm-up round, then alternating rounds; each run's median step
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    base, fixed = build(args.quick, args.batch, device)
+    runs = {"plain": run_plain, "lightning": run_lightning}
+    times: dict[str, list[float]] = {"plain": [], "lightning": []}
+    for r in range(args.repeats + 1):
+        for side in (("plain", "lightning") if r % 2 == 0 else ("lightning", "plain")):
+            step_times, _ = runs[side](base, fixed, args.steps, args.warmup, device)
+            if r > 0:  # round 0 warms both (imports, allocator, kernels)
+                times[side].append(statistics.median(step_times))
+    mem = {s: memory[s]["peak_bytes"] for s in memory}
     summary = {
-        "bench": "train_step", "quick": args.quick, "device": results["plain"][0]["device"],
-        "base": results["plain"][0]["base"], "batch": args.batch, "steps": args.steps,
-        "lightning_step_s": round(best["lightning"], 5), "plain_step_s": round(best["plain"], 5),
-        "time_ratio": round(best["lightning"] / best["plain"], 4),
+        "bench": "train_step", "quick": args.quick, "device": device, "base": base.name, "batch": args.batch,
+        "steps": args.steps, "lightning_step_s": round(statistics.median(times["lightning"]), 5),
+        "plain_step_s": round(statistics.median(times["plain"]), 5),
+        **ratio_stats(times["lightning"], times["plain"], "time_ratio"),
         "lightning_peak_mb": round(mem["lightning"] / 2**20, 2), "plain_peak_mb": round(mem["plain"] / 2**20, 2),
         "memory_ratio": round(mem["lightning"] / max(mem["plain"], 1), 4),
-        "goal": {"time_ratio": 1.05, "memory_ratio": 1.1},
     }
-    summary["goal_met"] = summary["time_ratio"] <= 1.05 and summary["memory_ratio"] <= 1.1
-    print(f"step: lightning {summary['lightning_step_s']*1e3:.1f} ms, plain {summary['plain_step_s']*1e3:.1f} ms; "
+    print(f"step: lightning {summary['lightning_step_s']*1e3:.1f} ms, plain {summary['plain_step_s']*1e3:.1f} ms, "
+          f"ratio {summary['time_ratio']} [{summary['time_ratio_lo']}, {summary['time_ratio_hi']}]; "
           f"peak: lightning {summary['lightning_peak_mb']} MB, plain {summary['plain_peak_mb']} MB")
-    print(json.dumps(summary))
+    finish(summary, {"time_ratio": "<= 1.05", "memory_ratio": "<= 1.1"})
 
 
 if __name__ == "__main__":

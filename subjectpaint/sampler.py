@@ -126,17 +126,22 @@ class LatentStart(SamplerHook):
             self.noise = context.randn(self.source.shape)
         self.start_step = self.start_step.to(context.device)
         self.source = self.source.to(device=context.device, dtype=context.dtype)
+        if self.noise is None:  # a seed of its own: drawn once here, not at every step
+            g = [torch.Generator(device=self.source.device).manual_seed(self.seed)]
+            self.noise = randn_tensor(self.source.shape, generator=g, device=self.source.device, dtype=self.source.dtype)
 
     def source_noise(self) -> torch.Tensor:
-        if self.noise is not None:
-            return self.noise
-        g = [torch.Generator(device=self.source.device).manual_seed(self.seed)]
-        return randn_tensor(self.source.shape, generator=g, device=self.source.device, dtype=self.source.dtype)
+        return self.noise
+
+    def begin(self, unet, timesteps):
+        # the last step any pixel is held, read once here: testing `held.any()` at every step would synchronise
+        # with the device inside the loop
+        self.held_until = int(self.start_step.max())
 
     def before_step(self, i, t, latents):
-        held = self.start_step > i
-        if not bool(held.any()):
+        if i >= self.held_until:
             return latents
+        held = self.start_step > i
         noised = self.scheduler.add_noise(self.source, self.source_noise(), torch.as_tensor(t).reshape(1))
         return torch.where(held, noised.to(latents.dtype), latents)
 
@@ -159,6 +164,15 @@ class AttentionProcessors(SamplerHook):
         if self._saved is not None:
             unet.set_attn_processor(self._saved)
             self._saved = None
+
+
+_STEP_POINTS = ("before_step", "after_noise_pred", "after_step")
+
+
+def _overriding(hooks, point: str) -> list:
+    """The hooks whose `point` method does something (is not SamplerHook's pass-through): only they are called in
+    the loop, so a hook that does nothing at a point costs nothing there."""
+    return [h for h in hooks if getattr(type(h), point, None) is not getattr(SamplerHook, point)]
 
 
 class Sampler:
@@ -220,9 +234,11 @@ class Sampler:
         context = HookContext(base.unet, scheduler, timesteps, generator, latents.device, latents.dtype)
         for hook in hooks:
             hook.bind(context)
+        before_step, after_noise_pred, after_step = (_overriding(hooks, point) for point in _STEP_POINTS)
+        step_timesteps = self.prepare_step_timesteps(scheduler, timesteps)
         with self._hooks_installed(hooks, timesteps):
             for i, t in enumerate(tqdm(timesteps, disable=not self.progress, desc="denoising", leave=False)):
-                for hook in hooks:
+                for hook in before_step:
                     latents = hook.before_step(i, t, latents)
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
@@ -233,10 +249,10 @@ class Sampler:
                 if do_cfg:
                     noise_uncond, noise_cond = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-                for hook in hooks:
+                for hook in after_noise_pred:
                     noise_pred = hook.after_noise_pred(i, t, noise_pred)
-                latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
-                for hook in hooks:
+                latents = scheduler.step(noise_pred, step_timesteps[i], latents, **step_kwargs).prev_sample
+                for hook in after_step:
                     latents = hook.after_step(i, t, latents)
             for hook in hooks:
                 latents = hook.finish(latents)
@@ -314,6 +330,16 @@ class Sampler:
         vae = self.base.vae
         image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
+
+    @staticmethod
+    def prepare_step_timesteps(scheduler, timesteps):
+        """The timesteps as Python numbers for `scheduler.step`, read once before the loop: a scheduler indexes its
+        tables with the timestep, and indexing with a device tensor synchronises with the device at every step (the
+        values and so the results are the same). Schedulers that track a step index start it at 0 instead of
+        searching the timesteps for the first one (another per-call synchronisation)."""
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        return timesteps.tolist()
 
     @staticmethod
     def prepare_step_kwargs(scheduler, generator, eta):
