@@ -15,8 +15,8 @@ per metric set (a table) and a summary (the JSON line).
 - ``lora`` (LoRA image-guided inpainting, sec. 5.1: N objects x M backgrounds): ``objects/NAME/*`` (the
   object's photos; the first is the exemplar), ``backgrounds/`` with ``backgrounds/masks/`` (same stems).
   Every object is placed into every background. DINO (ViT-S/16) and CLIP: cosine between the generated
-  region and each of the object's photos, averaged (pairwise), x 100 as the paper's table; FID against ``real/`` (default: the
-  backgrounds). ``subjects={NAME: Subject}`` places an object with its trained adapter.
+  region and each of the object's photos, averaged (pairwise), x 100 as the paper's table; FID against ``real/``
+  (default: the backgrounds). ``subjects={NAME: Subject}`` places an object with its trained adapter.
 - ``pie`` (ViMAEdit's PIE-Bench metrics, App. B): ``source/``, ``mask/``, ``reference/`` (our edit is an exemplar,
   so it stands where PIE-Bench has the target prompt: CLIP similarity is image-image, 100 x cosine, whole image
   and edited region (outside the mask blacked out)); optional ``silhouette/`` (the true edited region) for the
@@ -28,8 +28,9 @@ per metric set (a table) and a summary (the JSON line).
 Encoders are given as local weights, nothing is fetched: CLIP a transformers `CLIPVisionModelWithProjection`
 directory, DINO a timm ViT ``.safetensors``. Without CLIP weights the CLIP columns use the base's own exemplar
 encoder (labelled `exemplar-encoder`); without DINO weights the DINO / structure columns are None. LPIPS needs
-torchvision's SqueezeNet weights (PIE-Bench's LPIPS net) in the torch hub cache (`torch.hub.get_dir()/checkpoints`), Inception FID
-torch-fidelity and its weights there; without them LPIPS is None and FID uses CLIP features (said in the summary).
+torchvision's SqueezeNet weights (PIE-Bench's LPIPS net) in the torch hub cache (`torch.hub.get_dir()/checkpoints`),
+Inception FID torch-fidelity and its weights there; without them LPIPS is None and FID uses CLIP features (said in
+the summary).
 """
 
 from __future__ import annotations

@@ -172,7 +172,8 @@ def test_refine_is_eq9():
 
 @pytest.mark.parametrize("bad", [
     dict(embedding_lambda=-0.1), dict(guidance="prompt"), dict(source="noise"),
-    dict(source="inversion", scheduler="pndm", adaptive_variance=False), dict(gamma=1.5), dict(iterations=-1), dict(threshold=0.0), dict(threshold=1.0),
+    dict(source="inversion", scheduler="pndm", adaptive_variance=False),
+    dict(gamma=1.5), dict(iterations=-1), dict(threshold=0.0), dict(threshold=1.0),
     dict(variance_threshold=2.0), dict(variance_scale=-1.0), dict(saliency="cross"), dict(inject_steps=(0.6, 0.2)),
     dict(inject_blocks=("left",)), dict(blend_start=1.5), dict(steps=0), dict(seed=-1), dict(scheduler="euler"), dict(guidance_scale=float("nan")),
     dict(no_such_setting=1),
@@ -236,7 +237,8 @@ def test_added_path_at_lambda_zero_is_the_plain_unet(studio):
     lambda > 0 changes only the row it is given."""
     unet = studio.base.unet
     g = torch.Generator().manual_seed(0)
-    x, c, e = torch.randn(4, 9, 16, 24, generator=g), torch.randn(4, 1, 32, generator=g), torch.randn(1, 1, 32, generator=g)
+    x, c = torch.randn(4, 9, 16, 24, generator=g), torch.randn(4, 1, 32, generator=g)
+    e = torch.randn(1, 1, 32, generator=g)
 
     def run(scale):
         saved = unet.attn_processors

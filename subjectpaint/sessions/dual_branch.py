@@ -4,10 +4,16 @@ One batched sampler call of two rows that share the initial noise (and every sto
 
 - row 0, the SOURCE branch, reconstructs the room: no adapter, an empty edit mask (the UNet sees the whole room
   in its masked-image channels), conditioned on e_src = the image embedding of the room under the mask (the crop
-  of the room at the mask's box through the image encoder);
-- row 1, the TARGET branch, places the subject: its adapter, the user's mask, conditioned on the guided image
-  embedding e_tgt = e_src + lambda (e_subject - e_src) (sec. 4.2, eq. 7 with the subject's embedding standing in
-  for the prompt difference; lambda 0.4, App. C).
+  of the room at the mask's box through the image encoder). `source="inpaint"` (default) starts it from the
+  shared noise; `source="inversion"` starts both branches from the room's DDIM inversion (sec. 5.1 runs ViMAEdit
+  on inverted noise; here with the inpainting UNet's unmasked input, unguided, and the source row replayed
+  unguided so that it retraces the inversion);
+- row 1, the TARGET branch, places the subject: its adapter, the user's mask, the source condition e_src kept and
+  the subject's image embedding added through an extra cross-attention path scaled by lambda (sec. 4.2, eq. 8:
+  lambda softmax(Q K'^T / sqrt(d)) V', IP-Adapter's decoupled cross-attention; Paint by Example has no IP-Adapter
+  weights, so K', V' are each layer's own to_k / to_v of the subject's embedding; `guidance="attention"`).
+  `guidance="interpolate"` is the other reading: the one condition token e_tgt = e_src + lambda (e_subject -
+  e_src) (eq. 7 with the subject's embedding standing in for the prompt difference).
 
 Per step (the hook `DualBranchHook`, visible in the sampler's loop):
 
@@ -60,8 +66,9 @@ class DualBranchSettings:
     guidance_scale: float = 5.0
     scheduler: str = "ddim"
     seed: int | None = 0
-    guidance: str = "attention"  # "attention": e_src kept + lambda x the subject through an added attention
-    #   path (eq. 8); "interpolate": the one condition token e_tgt = e_src + lambda (e_subject - e_src)
+    guidance: str = "interpolate"  # "interpolate": the one condition token e_tgt = e_src + lambda (e_subject -
+    #   e_src); "attention": e_src kept + lambda x the subject through an added attention path (eq. 8). The default
+    #   is the measured best for product placement (bench/session_quality.py), not the paper's form
     embedding_lambda: float = 0.4
     source: str = "inpaint"  # "inpaint": the room under an empty mask; "inversion": DDIM inversion of the room
     inject: bool = True  # self-attention injection source -> target (eq. 5)

@@ -19,8 +19,8 @@ no second one). At step 0 (lines 8/10) a pixel not held starts from z_2^T, the s
 the first step with the prior's noise: at every strength, also the maximum (t_ds^max = T, the default), where
 the noised latent still keeps a small signal of the exemplar (sqrt(alpha_bar) = 0.076 at DDIM's t = 981,
 the first of 50 steps). `init="noise"` starts those pixels from the prior sample itself instead (noise *
-init_noise_sigma, as diffusers does for strength 1), at the maximum strength only: an all-ones map then equals plain exemplar
-inpainting. `strength` < 1 starts the paper's loop later (t_ds^max = the last round(strength * N) steps):
+init_noise_sigma, as diffusers does for strength 1), at the maximum strength only: an all-ones map then equals
+plain exemplar inpainting. `strength` < 1 starts the paper's loop later (t_ds^max = the last round(strength * N) steps):
 every pixel is held to the surgical latent until then (z_2 where it starts free, z_1 elsewhere).
 
 Schedules (the authors' code, amazon-science/PIXELS, diffusion_pipe.py, with s = (T - t) / T = i / T):
@@ -376,7 +376,8 @@ class ProgressiveSession:
             steps=list(self.history),
             info={"steps": steps, "guidance_scale": opts["guidance_scale"], "scheduler": opts["scheduler"] or "pndm",
                   "schedule": opts["schedule"] if isinstance(opts["schedule"], str) else "callable",
-                  "strength": opts["strength"], "init": opts["init"], "subjects": names, "start_step": start_step.cpu()},
+                  "strength": opts["strength"], "init": opts["init"], "subjects": names,
+                  "start_step": start_step.cpu()},
         )
 
     # ------------------------------------------------------------------ helpers
