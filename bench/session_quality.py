@@ -1,21 +1,30 @@
-"""Session quality on held-out demo scenes: plain inpainting vs progressive vs dual-branch (ViMAEdit).
+"""Session quality on held-out demo scenes: plain inpainting vs progressive (PIXELS) vs dual-branch (ViMAEdit) variants.
 
-For each of `--n` evaluation scenes (64 px, the demo base, the scene's own exemplar, seed 0, DDIM, 25 steps):
+For each of `--n` evaluation scenes (64 px, the demo base, the scene's own exemplar, seed 0, DDIM, 20 steps):
 
 - psnr: masked PSNR inside the scene's mask against the true composite;
 - bg: background error outside the mask (mean abs, uint8 levels) against the truth;
 - structure: room-structure preservation = SSIM of the Sobel edge maps of result and truth inside the mask's box;
-- for the dual-branch session also the grounding: IoU of the grounded mask with the product's silhouette
-  (alpha > 0.5) and with its box, next to the IoU the user's loose box itself has with the silhouette.
+- iou (dual-branch): the grounded mask's IoU with the product's silhouette;
+- subject: is the product there, 100 x the cosine of the base's exemplar-encoder embeddings of the placed product's
+  box crop and the exemplar (masked PSNR alone rewards a faint product: a room-coloured blur is close to the truth);
+- seconds per placement.
 
-`--grid PATH` writes a figure (room | exemplar | source | grounded mask | dual result | plain | truth) for the first
-scenes. `--quick`: 4 scenes, 10 steps. Last stdout line: one JSON object.
+Variants: plain; progressive with Algorithm 1's start (init="surgical") and the pure-noise one (init="noise");
+dual-branch with both image-embedding guidance forms (the added attention path, eq. 8, and the interpolated
+condition token) at several lambdas, and both source forms (empty-mask inpainting, DDIM inversion). Each variant's
+PSNR difference against the session defaults is given with its paired 95 % interval (t, n - 1 df); `goal_met`:
+no variant of a session is better than its default beyond that interval.
+
+`--grid PATH` writes a figure for the first scenes. `--quick`: 1 scene, 3 steps, 2 dual variants (plumbing only).
+Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -30,7 +39,8 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from subjectpaint.evaluate import background_error, format_table, masked_psnr, masked_ssim  # noqa: E402
+from subjectpaint.evaluate import (  # noqa: E402
+    background_error, box_crop, exemplar_i, format_table, masked_psnr, masked_ssim)
 
 METHODS = ("plain", "progressive", "dual_branch")
 
@@ -57,97 +67,151 @@ def stats(values) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
+        12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 19: 2.09, 24: 2.06, 29: 2.05, 49: 2.01}
+
+
+def paired_interval(a, b) -> tuple[float, float, float]:
+    """Mean of a - b and its 95 % interval (Student t, paired)."""
+    d = [x - y for x, y in zip(a, b)]
+    mean, sd = stats(d)
+    n = len(d)
+    t = T975.get(n - 1, T975[max(k for k in T975 if k <= max(1, n - 1))]) if n > 1 else math.inf
+    half = t * sd / math.sqrt(n) if n > 1 else math.inf
+    return mean, mean - half, mean + half
+
+
+DUAL_VARIANTS = [  # name -> settings (the one equal to the session defaults is the reference)
+    ("dual attention 1.0", dict(guidance="attention", embedding_lambda=1.0)),
+    ("dual attention 0.4", dict(guidance="attention", embedding_lambda=0.4)),
+    ("dual attention 2.0", dict(guidance="attention", embedding_lambda=2.0)),
+    ("dual interpolate 0.4", dict(guidance="interpolate", embedding_lambda=0.4)),
+    ("dual interpolate 1.0", dict(guidance="interpolate", embedding_lambda=1.0)),
+    ("dual attention 1.0 inversion", dict(guidance="attention", embedding_lambda=1.0, source="inversion")),
+    ("dual attention 0.4 inversion", dict(guidance="attention", embedding_lambda=0.4, source="inversion")),
+    ("dual interpolate 0.4 inversion", dict(guidance="interpolate", embedding_lambda=0.4, source="inversion")),
+    ("dual interpolate 1.0 inversion", dict(guidance="interpolate", embedding_lambda=1.0, source="inversion")),
+]
+QUICK_DUAL = ("dual attention 1.0", "dual attention 1.0 inversion")
+
+
+def _value(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--skip", type=int, default=0, help="start at the evaluation scene with this index")
     parser.add_argument("--base", default=None, help="a diffusers Paint-by-Example directory (default: the demo base)")
-    parser.add_argument("--quick", action="store_true", help="4 scenes, 10 steps")
+    parser.add_argument("--quick", action="store_true", help="1 scene, 3 steps, 2 dual variants")
     parser.add_argument("--grid", type=Path, default=None, help="write a figure of the first --grid-scenes scenes")
-    parser.add_argument("--grid-scenes", type=int, default=6)
+    parser.add_argument("--grid-scenes", type=int, default=4)
     parser.add_argument("--dual", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="dual-branch settings other than the defaults, e.g. embedding_lambda=1.0 inject=false")
+                        help="one more dual-branch variant, e.g. embedding_lambda=1.5 inject=false source=inversion")
+    parser.add_argument("--only", nargs="*", default=None, metavar="METHOD",
+                        help="run only these methods (names as in the table), plus the defaults they are compared to")
     args = parser.parse_args()
-    dual_settings = {k: (v.lower() == "true") if v.lower() in ("true", "false") else float(v)
-                     for k, v in (item.split("=", 1) for item in args.dual)}
+    variants = list(DUAL_VARIANTS)
+    if args.dual:
+        kw = {k: _value(v) for k, v in (item.split("=", 1) for item in args.dual)}
+        variants.append(("dual " + " ".join(args.dual), kw))
     if args.quick:
-        args.n, args.steps = min(args.n, 4), 10
+        args.n, args.steps = min(args.n, 1), 3
+        variants = [v for v in variants if v[0] in QUICK_DUAL or v in variants[len(DUAL_VARIANTS):]]
 
     from subjectpaint.demo.scenes import EVAL_SEEDS, make_scene
     from subjectpaint.result import image_grid
+    from subjectpaint.sessions.dual_branch import DualBranchSettings
     from subjectpaint.studio import Studio
 
     studio = Studio.load(args.base)
     size = studio.base.resolution
-    sessions = {"dual_branch": studio.dual_branch(steps=args.steps, seed=0, **dual_settings)}  # DDIM by default
-    try:
-        sessions["progressive"] = studio.progressive(steps=args.steps, seed=0, scheduler="ddim", progress=False)
-    except Exception as exc:  # noqa: BLE001 -- the progressive session is another issue's; report it pending
-        print(f"progressive session unavailable ({type(exc).__name__}: {exc}); column pending", file=sys.stderr)
+    defaults = DualBranchSettings()
+    def key(kw):
+        return tuple(kw.get(k, getattr(defaults, k)) for k in ("guidance", "embedding_lambda", "source"))
 
-    rows = {m: [] for m in METHODS}
-    grounding = []
+    match = [name for name, kw in variants if key(kw) == key({})]
+    if not match:
+        variants.insert(0, ("dual defaults", {}))
+    default_dual = match[0] if match else "dual defaults"
+    methods = {
+        "plain": lambda sc: studio.inpaint(sc.room, sc.mask, sc.exemplar, steps=args.steps, scheduler="ddim", seed=0,
+                                           progress=False),
+        "progressive": lambda sc: studio.progressive(steps=args.steps, seed=0, scheduler="ddim", progress=False)
+        .place(sc.exemplar, sc.room, sc.mask),
+        "progressive init=noise": lambda sc: studio.progressive(steps=args.steps, seed=0, scheduler="ddim",
+                                                                progress=False, init="noise")
+        .place(sc.exemplar, sc.room, sc.mask),
+    }
+    for name, kw in variants:
+        methods[name] = (lambda kw: lambda sc: studio.dual_branch(steps=args.steps, seed=0, **kw)
+                         .place(sc.exemplar, sc.room, sc.mask))(kw)
+
+    if args.only:
+        keep = set(args.only) | {"progressive", default_dual}
+        methods = {m: run for m, run in methods.items() if m in keep}
+    rows = {m: [] for m in methods}
     figure = []
     started = time.time()
-    for k, seed in enumerate(EVAL_SEEDS[: args.n]):
+    for k, seed in enumerate(EVAL_SEEDS[args.skip: args.skip + args.n]):
         scene = make_scene(seed, size)
-        results = {"plain": studio.inpaint(scene.room, scene.mask, scene.exemplar, steps=args.steps, scheduler="ddim",
-                                           seed=0, progress=False)}
-        dual = sessions["dual_branch"].place(scene.exemplar, scene.room, scene.mask)
-        results["dual_branch"] = dual
-        if "progressive" in sessions:
-            try:
-                results["progressive"] = sessions["progressive"].place(scene.exemplar, scene.room, scene.mask)
-            except Exception as exc:  # noqa: BLE001
-                print(f"progressive failed on scene {seed}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                sessions.pop("progressive")
-        for method, result in results.items():
-            rows[method].append({
+        silhouette = np.asarray(scene.silhouette) > 127
+        results = {}
+        for method, run in methods.items():  # alternated: every method on a scene before the next scene
+            t0 = time.perf_counter()
+            result = results[method] = run(scene)
+            row = {
                 "psnr": masked_psnr(result.image, scene.composite, scene.mask),
                 "bg": background_error(result.image, scene.composite, scene.mask).mean,
                 "structure": structure(result.image, scene.composite, scene.mask),
-            })
-        grounded = np.asarray(dual.grounded_mask) > 127
-        silhouette = np.asarray(scene.silhouette) > 127
-        box = np.zeros_like(silhouette)
-        x0, y0, x1, y1 = scene.box
-        box[y0:y1, x0:x1] = True
-        user = np.asarray(scene.mask) > 127
-        grounding.append({"silhouette": iou(grounded, silhouette), "box": iou(grounded, box),
-                          "user_box": iou(user, silhouette)})
+                "seconds": time.perf_counter() - t0,
+                # is the product there: the base's exemplar encoder, placed box crop vs the exemplar (x 100)
+                "subject": 100 * exemplar_i(box_crop(result.image, scene.box), scene.exemplar, studio.base),
+            }
+            if getattr(result, "grounded_mask", None) is not None:
+                row["iou"] = iou(np.asarray(result.grounded_mask) > 127, silhouette)
+            rows[method].append(row)
         if k < args.grid_scenes:
-            figure.append([("room", scene.room), ("exemplar", scene.exemplar), ("source", dual.source),
-                           ("grounded", dual.grounded_mask), ("dual-branch", dual.image),
-                           ("plain", results["plain"].image), ("truth", scene.composite)])
-        print(f"scene {seed}: " + "  ".join(f"{m} {rows[m][-1]['structure']:.3f}" for m in results)
-              + f"  iou {grounding[-1]['silhouette']:.2f}", file=sys.stderr, flush=True)
+            dual = results[default_dual]
+            figure.append([("room", scene.room), ("exemplar", scene.exemplar), ("plain", results["plain"].image),
+                           ("progressive", results["progressive"].image), ("dual source", dual.source),
+                           ("grounded", dual.grounded_mask), ("dual", dual.image), ("truth", scene.composite)])
+        print(f"scene {seed}: " + json.dumps({m: {k: round(v, 4) for k, v in rows[m][-1].items()} for m in methods}),
+              file=sys.stderr, flush=True)
 
     table, summary = [], {}
-    for method in METHODS:
-        if not rows[method] or len(rows[method]) < args.n:
-            table.append({"method": method, "n": len(rows[method]), "psnr": None})
-            summary[method] = "pending"
-            continue
+    for method in methods:
         entry = {"method": method, "n": len(rows[method])}
-        for key in ("psnr", "bg", "structure"):
-            mean, sd = stats(r[key] for r in rows[method])
-            entry[key], entry[key + "_sd"] = mean, sd
+        for key in ("psnr", "bg", "structure", "iou", "subject", "seconds"):
+            values = [r[key] for r in rows[method] if key in r]
+            if values:
+                entry[key], entry[key + "_sd"] = stats(values)
+        ref = "progressive" if method.startswith("progressive") else default_dual if method.startswith("dual") else None
+        if ref is not None and ref != method:
+            d = paired_interval([r["psnr"] for r in rows[method]], [r["psnr"] for r in rows[ref]])
+            entry["dpsnr_vs_default"], entry["dpsnr_lo"], entry["dpsnr_hi"] = d
         table.append(entry)
-        summary[method] = {k: round(v, 4) for k, v in entry.items() if k not in ("method", "n")}
-    print(format_table(table, ["method", "n", "psnr", "psnr_sd", "bg", "bg_sd", "structure", "structure_sd"]))
-    g = {key: stats(r[key] for r in grounding) for key in ("silhouette", "box", "user_box")}
-    print(f"grounded-mask IoU with the silhouette {g['silhouette'][0]:.3f} +- {g['silhouette'][1]:.3f} "
-          f"(min {min(r['silhouette'] for r in grounding):.3f}), with the product box {g['box'][0]:.3f} +- "
-          f"{g['box'][1]:.3f}; the user's box alone: {g['user_box'][0]:.3f} +- {g['user_box'][1]:.3f}")
+        summary[method] = {k: round(v, 4) for k, v in entry.items() if k not in ("method",)}
+    print(format_table(table, ["method", "n", "psnr", "psnr_sd", "bg", "structure", "iou", "subject", "seconds",
+                               "dpsnr_vs_default", "dpsnr_lo", "dpsnr_hi"]))
     if args.grid and figure:
         image_grid(figure, height=128).save(args.grid)
         print(f"wrote {args.grid}")
-    dual_s, plain_s = summary["dual_branch"], summary["plain"]
+    # the defaults are the best measured: no variant beats its session's default beyond the 95 % interval
+    beaten = [e["method"] for e in table if e.get("dpsnr_lo", -1) > 0]
     print(json.dumps({
-        "bench": "session_quality", "n": args.n, "steps": args.steps, "model": studio.base.name, "dual": dual_settings,
-        "seconds": round(time.time() - started, 1), **{m: summary[m] for m in METHODS},
-        "grounding_iou": {k: {"mean": round(v[0], 4), "sd": round(v[1], 4)} for k, v in g.items()},
-        "dual_preserves_structure_better": isinstance(dual_s, dict) and dual_s["structure"] > plain_s["structure"],
+        "bench": "session_quality", "quick": args.quick, "n": args.n, "skip": args.skip, "steps": args.steps,
+        "model": studio.base.name,
+        "default_dual": default_dual, "seconds": round(time.time() - started, 1), "methods": summary,
+        "goals": {"defaults_best_measured": "no variant's PSNR above its session default's beyond the paired 95% CI"},
+        "beaten_defaults_by": beaten, "goal_met": not beaten,
     }))
 
 

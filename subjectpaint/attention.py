@@ -16,6 +16,12 @@ the control is recording:
 - self-attention injection (ViMAEdit eq. 5): target row r gets A_src V_tgt, with A_src the map of its source row
   (a layer that captures and injects captures the injected map: the target branch's map there is A_src).
 
+A cross-attention layer may also get an added attention path (ViMAEdit eq. 8, IP-Adapter's decoupled
+cross-attention): out = Attention(Q, K, V) + lambda softmax(Q K'^T / sqrt(d)) V', with K', V' the layer's own
+key / value projections of an added condition (`AddedCondition`: the subject's image embedding) on the UNet rows
+it names; the main condition (K, V) is kept. Paint by Example has no IP-Adapter weights, so the added path shares
+the layer's to_k / to_v (the UNet is not changed); at lambda = 0 the layer's output is bit for bit diffusers'.
+
 The batch layout is the sampler's: with classifier-free guidance the UNet sees [uncond rows; cond rows], so a
 dual-branch batch [source, target] becomes [src_u, tgt_u, src_c, tgt_c] and the injection pairs are
 (0 -> 1), (2 -> 3). `AttentionControl` holds that layout and what was captured.
@@ -108,12 +114,43 @@ class AttentionControl:
         return total / count
 
 
-class ControlledAttnProcessor(AttnProcessor2_0):
-    """`AttnProcessor2_0` plus capture (self maps or cross scores) and self-attention injection."""
+@dataclass
+class AddedCondition:
+    """The added cross-attention path's condition: `embeddings` (R, T', D) for the UNet rows `rows` (R of them,
+    in the sampler's CFG layout), scaled by `scale` (lambda); the other rows get nothing added."""
 
-    def __init__(self, control: AttentionControl, capture: bool = False, inject: bool = False):
+    embeddings: torch.Tensor
+    rows: list[int]
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.embeddings.ndim != 3 or self.embeddings.shape[0] != len(self.rows):
+            raise InvalidArgument(f"added embeddings must be (len(rows), T, D); got {tuple(self.embeddings.shape)}")
+
+    def attend(self, attn, query: torch.Tensor) -> torch.Tensor:
+        """lambda softmax(Q K'^T / sqrt(d)) V' for `query` (B, heads, N, d): (B, heads, N, d), zero off `rows`."""
+        e = self.embeddings.to(device=query.device, dtype=query.dtype)
+        if attn.norm_cross:
+            e = attn.norm_encoder_hidden_states(e)
+        heads, d = query.shape[1], query.shape[-1]
+        k = attn.to_k(e).view(e.shape[0], -1, heads, d).transpose(1, 2)
+        v = attn.to_v(e).view(e.shape[0], -1, heads, d).transpose(1, 2)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        added = F.scaled_dot_product_attention(query[self.rows], k, v, dropout_p=0.0, is_causal=False)
+        out = torch.zeros_like(query)
+        out[self.rows] = self.scale * added
+        return out
+
+
+class ControlledAttnProcessor(AttnProcessor2_0):
+    """`AttnProcessor2_0` plus capture (self maps or cross scores), self-attention injection and an added
+    cross-attention path."""
+
+    def __init__(self, control: AttentionControl, capture: bool = False, inject: bool = False,
+                 added: AddedCondition | None = None):
         super().__init__()
-        self.control, self.capture, self.inject = control, capture, inject
+        self.control, self.capture, self.inject, self.added = control, capture, inject, added
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
         residual = hidden_states
@@ -155,6 +192,8 @@ class ControlledAttnProcessor(AttnProcessor2_0):
             for src, tgt in c.pairs:
                 query[tgt], key[tgt] = query[src], key[src]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        if self.added is not None and is_cross:
+            out = out + self.added.attend(attn, query)  # eq. 8, on top of the kept condition
         if self.capture and c.recording and c.capture_rows:
             self._capture(attn, query, key, attention_mask, is_cross)
 
@@ -193,18 +232,21 @@ class ControlledAttnProcessor(AttnProcessor2_0):
         c._add(c.self_maps, n, probs.float().mean(1))
 
 
-def controlled_processors(unet, control: AttentionControl, capture=(), inject=()) -> dict:
+def controlled_processors(unet, control: AttentionControl, capture=(), inject=(), added: AddedCondition | None = None,
+                          added_layers=()) -> dict:
     """A full processor dict for `unet.set_attn_processor`: the named layers get a `ControlledAttnProcessor`
-    (capturing if in `capture`, injecting if in `inject`); every other layer keeps its current processor."""
-    capture, inject = set(capture), set(inject)
+    (capturing if in `capture`, injecting if in `inject`, with the added cross-attention path if in
+    `added_layers`); every other layer keeps its current processor."""
+    capture, inject, added_layers = set(capture), set(inject), set(added_layers) if added is not None else set()
     known = set(unet.attn_processors)
-    unknown = (capture | inject) - known
+    unknown = (capture | inject | added_layers) - known
     if unknown:
         raise InvalidArgument(f"no attention layer named {sorted(unknown)[0]!r} in this UNet")
     out = {}
     for name, proc in unet.attn_processors.items():
-        if name in capture or name in inject:
-            out[name] = ControlledAttnProcessor(control, capture=name in capture, inject=name in inject)
+        if name in capture or name in inject or name in added_layers:
+            out[name] = ControlledAttnProcessor(control, capture=name in capture, inject=name in inject,
+                                                added=added if name in added_layers else None)
         else:
             out[name] = proc
     return out

@@ -8,7 +8,7 @@ import sys
 from adapters_store.cli import add_commands, store_options
 
 from .choices import DEFAULT_SCHEDULE, DEFAULT_SCHEDULER, SCHEDULERS, SCHEDULES
-from .errors import ERRORS
+from .errors import ERRORS, InvalidArgument
 
 
 def _load_studio(args):
@@ -70,6 +70,8 @@ def cmd_eval(args) -> int:
     from .demo.benchmark import run_fidelity, summarize
     from .evaluate import format_table
 
+    if args.protocol is not None:
+        return _eval_protocol(args)
     studio = _load_studio(args)
     rows, _, _ = run_fidelity(studio, n=args.scenes, steps=args.steps or studio.default_steps, seed=args.seed,
                               progress=not args.quiet)
@@ -95,6 +97,43 @@ def _recipe_overrides(args) -> dict:
         except ValueError:
             overrides[field.strip()] = text
     return overrides
+
+
+def _eval_protocol(args) -> int:
+    """`eval PROTOCOL DATA_DIR`: a paper's protocol on the user's dataset (subjectpaint/protocols.py)."""
+    import contextlib
+    import json
+
+    from .evaluate import format_table
+    from .protocols import Encoders, run_protocol, write_demo_dataset
+
+    if args.data_dir is None:
+        raise InvalidArgument("eval PROTOCOL needs a DATA_DIR")
+    if args.make_demo:
+        write_demo_dataset(args.protocol, args.data_dir, n=args.make_demo)
+    studio = _load_studio(args)
+    encoders = Encoders.load(args.clip, args.dino, args.dino_arch, lpips=args.protocol == "pie")
+    with contextlib.ExitStack() as stack:
+        subjects = {}
+        if args.subject:
+            from adapters_store import Registry
+
+            from .subject import Subject
+
+            registry = stack.enter_context(Registry(args.registry, args.blobs))
+            studio.registry = registry
+            for item in args.subject:  # SAMPLE_OR_OBJECT=NAME[@VERSION] or NAME (the object folder's name)
+                key, _, ref = item.partition("=")
+                subjects[key] = Subject.load(ref or key, studio=studio, registry=registry)
+        rows, summary = run_protocol(args.protocol, args.data_dir, studio, encoders, session=args.session,
+                                     subjects=subjects, seed=args.seed, steps=args.steps, limit=args.limit,
+                                     progress=not args.quiet)
+    if not args.quiet:
+        print(format_table(rows))
+        for note in summary["notes"]:
+            print(f"note: {note}")
+    print(json.dumps(summary))
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -200,10 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
     _base_options(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="the demo fidelity benchmark: masked PSNR/SSIM against the true composites")
+    p = sub.add_parser("eval", help="the demo fidelity benchmark (no PROTOCOL): masked PSNR/SSIM against the true "
+                       "composites; or a paper's protocol on DATA_DIR: cocoee, pixels, lora, pie")
+    p.add_argument("protocol", nargs="?", choices=("cocoee", "pixels", "lora", "pie"), default=None)
+    p.add_argument("data_dir", nargs="?", default=None, help="the dataset folder (layouts: subjectpaint/protocols.py)")
     p.add_argument("--scenes", type=int, default=50)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", default=None, help="local CLIPVisionModelWithProjection directory (e.g. ViT-B/32)")
+    p.add_argument("--dino", default=None, help="local DINO ViT weights (.safetensors)")
+    p.add_argument("--dino-arch", default="vit_small_patch16_224.dino", help="timm architecture of --dino")
+    p.add_argument("--session", choices=("plain", "progressive", "dual"), default=None,
+                   help="default: the protocol's paper (cocoee/lora plain, pixels progressive, pie dual)")
+    p.add_argument("--subject", action="append", default=[], metavar="KEY[=NAME]",
+                   help="place sample/object KEY with the registered subject NAME (default NAME = KEY)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
+    p.add_argument("--make-demo", type=int, default=0, metavar="N",
+                   help="first write N demo scenes into DATA_DIR in the protocol's layout")
+    store_options(p)
     _base_options(p)
     p.set_defaults(func=cmd_eval)
 

@@ -11,13 +11,15 @@ from subjectpaint.base import ExemplarInpainter
 from subjectpaint.errors import InvalidArgument, InvalidImage, InvalidMask
 from subjectpaint.images import load_mask, pil_to_tensor
 from subjectpaint.sampler import Sampler
-from subjectpaint.sessions.dual_branch import DualBranchSession, normalise, refine
+from subjectpaint.attention import AddedCondition, ControlledAttnProcessor, attention_layers, controlled_processors
+from subjectpaint.attention import AttentionControl
+from subjectpaint.sessions.dual_branch import DualBranchSession, invert, normalise, refine
 from subjectpaint.slots import Adapter
 from subjectpaint.studio import Studio
 from tests.conftest import box_mask_image, random_image
 
 STEPS = 4
-OFF = dict(inject=False, adaptive_variance=False, embedding_lambda=1.0, ground=False)
+OFF = dict(inject=False, adaptive_variance=False, guidance="interpolate", embedding_lambda=1.0, ground=False)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,8 @@ def test_target_equals_plain_inpainting_with_its_parts_off(studio64, job, subjec
     assert (with_adapter - without).abs().max() > 1e-3  # the adapter did act on the target row
 
 
-@pytest.mark.parametrize("part", [dict(inject=True), dict(embedding_lambda=0.4), dict(ground=True)])
+@pytest.mark.parametrize("part", [dict(inject=True), dict(embedding_lambda=0.4), dict(ground=True),
+                                  dict(guidance="attention"), dict(source="inversion")])
 def test_each_part_changes_the_target(studio, job, part):
     room, mask, exemplar = job
     base = session(studio, seed=3, **OFF).place(exemplar, room, mask).branches[1]
@@ -168,7 +171,9 @@ def test_refine_is_eq9():
 
 
 @pytest.mark.parametrize("bad", [
-    dict(embedding_lambda=-0.1), dict(gamma=1.5), dict(iterations=-1), dict(threshold=0.0), dict(threshold=1.0),
+    dict(embedding_lambda=-0.1), dict(guidance="prompt"), dict(source="noise"),
+    dict(source="inversion", scheduler="pndm", adaptive_variance=False),
+    dict(gamma=1.5), dict(iterations=-1), dict(threshold=0.0), dict(threshold=1.0),
     dict(variance_threshold=2.0), dict(variance_scale=-1.0), dict(saliency="cross"), dict(inject_steps=(0.6, 0.2)),
     dict(inject_blocks=("left",)), dict(blend_start=1.5), dict(steps=0), dict(seed=-1), dict(scheduler="euler"), dict(guidance_scale=float("nan")),
     dict(no_such_setting=1),
@@ -197,3 +202,94 @@ def test_scores_saliency_grounds_inside_the_mask_and_differs_from_noise(studio, 
     grounded = np.asarray(scores.grounded_mask) > 127
     assert grounded.any() and not (grounded & ~(np.asarray(mask) > 127)).any()
     assert not torch.equal(scores.saliency, noise.saliency)
+
+
+# ------------------------------------------------------------------------------------------ added attention path
+
+
+def test_added_path_is_lambda_softmax_qk_v_on_top_of_the_condition():
+    """Eq. 8: out = to_out(softmax(Q K^T) V + lambda softmax(Q K'^T) V'), K', V' the layer's projections of the
+    added condition, on the named rows only."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    x, cond, extra = torch.randn(3, 10, 16), torch.randn(3, 1, 12), torch.randn(1, 3, 12)
+    added = AddedCondition(extra, rows=[2], scale=0.7)
+    with torch.no_grad():
+        attn.set_processor(ControlledAttnProcessor(AttentionControl(), added=added))
+        out = attn(x, encoder_hidden_states=cond)
+        attn.set_processor(AttnProcessor2_0())
+        plain = attn(x, encoder_hidden_states=cond)
+        q = attn.to_q(x[2]).view(10, 2, 8).transpose(0, 1)
+        k, v = (f(cond[2]).view(1, 2, 8).transpose(0, 1) for f in (attn.to_k, attn.to_v))
+        k2, v2 = (f(extra[0]).view(3, 2, 8).transpose(0, 1) for f in (attn.to_k, attn.to_v))
+        main = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1) @ v
+        side = (q @ k2.transpose(-1, -2) * attn.scale).softmax(-1) @ v2
+        expected = attn.to_out[0]((main + 0.7 * side).transpose(0, 1).reshape(10, 16))
+    assert torch.allclose(out[2], expected, atol=1e-6)
+    assert torch.equal(out[:2], plain[:2])  # other rows: untouched, bit for bit
+    assert not torch.allclose(out[2], plain[2], atol=1e-3)
+
+
+def test_added_path_at_lambda_zero_is_the_plain_unet(studio):
+    """Must-show: the lambda-scaled path on every cross-attention layer, lambda = 0, is the plain UNet bit for bit;
+    lambda > 0 changes only the row it is given."""
+    unet = studio.base.unet
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(4, 9, 16, 24, generator=g), torch.randn(4, 1, 32, generator=g)
+    e = torch.randn(1, 1, 32, generator=g)
+
+    def run(scale):
+        saved = unet.attn_processors
+        if scale is not None:
+            added = AddedCondition(e, rows=[3], scale=scale)
+            unet.set_attn_processor(controlled_processors(unet, AttentionControl(), added=added,
+                                                          added_layers=attention_layers(unet, "cross")))
+        try:
+            with torch.no_grad():
+                return unet(x, 500, encoder_hidden_states=c).sample
+        finally:
+            unet.set_attn_processor(saved)
+
+    plain = run(None)
+    assert torch.equal(run(0.0), plain)
+    guided = run(0.5)
+    assert torch.equal(guided[:3], plain[:3])
+    assert (guided[3] - plain[3]).abs().max() > 1e-3
+
+
+def test_attention_guidance_at_lambda_zero_is_the_source_condition(studio, job):
+    """In the session: the added path at lambda 0 gives the target what interpolation at lambda 0 gives it (the
+    source condition alone), and the subject then changes nothing; at lambda > 0 it does."""
+    room, mask, exemplar = job
+    kw = dict(seed=3, inject=False, ground=False, adaptive_variance=False)
+    a = session(studio, guidance="attention", embedding_lambda=0.0, **kw).place(exemplar, room, mask)
+    b = session(studio, guidance="interpolate", embedding_lambda=0.0, **kw).place(exemplar, room, mask)
+    assert torch.equal(a.branches, b.branches)
+    c = session(studio, guidance="attention", embedding_lambda=1.0, **kw).place(exemplar, room, mask)
+    assert torch.equal(c.branches[0], a.branches[0])  # the source row never sees the subject
+    assert (c.branches[1] - a.branches[1]).abs().max() > 1e-3
+
+
+def test_inversion_is_ddim_run_backwards(studio):
+    """One-step check of the inversion against DDIM's formula written out: z_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps,
+    x0 = (z_prev - sqrt(1 - a_prev) eps) / sqrt(a_prev), eps the UNet's at t; and the room's inversion lands far
+    from its latent (it is noise-like), deterministic."""
+    from subjectpaint.sampler import make_scheduler
+
+    base = studio.base
+    g = torch.Generator().manual_seed(1)
+    z0, masked = torch.randn(1, 4, 16, 24, generator=g), torch.randn(1, 4, 16, 24, generator=g)
+    e = torch.randn(1, 1, 32, generator=g)
+    zT = invert(base.unet, z0, masked, e, 1, base.scheduler.config)
+    ddim = make_scheduler("ddim", base.scheduler.config)
+    ddim.set_timesteps(1)
+    t = ddim.timesteps[0]
+    with torch.no_grad():
+        eps = base.unet(torch.cat([z0, masked, torch.ones_like(z0[:, :1])], 1), t, encoder_hidden_states=e).sample
+    a_t, a_prev = ddim.alphas_cumprod[t], ddim.final_alpha_cumprod  # the step before the first: alpha 1 ("t = -1")
+    x0 = (z0 - (1 - a_prev) ** 0.5 * eps) / a_prev**0.5
+    expected = a_t**0.5 * x0 + (1 - a_t) ** 0.5 * eps
+    assert torch.allclose(zT, expected, atol=1e-5)
+    assert torch.equal(invert(base.unet, z0, masked, e, 1, base.scheduler.config), zT)

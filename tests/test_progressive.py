@@ -60,7 +60,7 @@ def test_all_ones_map_equals_plain_exemplar_inpainting(studio, paste_back, with_
     room, exemplar = random_image(48, 32, 1), random_image(40, 40, 2)
     subject = FakeSubject(exemplar, random_adapter(studio.base.unet, 7), "mug") if with_adapter else exemplar
     ones = torch.ones(32, 48)
-    out = studio.progressive(seed=3, progress=False, paste_back=paste_back).place(subject, room, ones)
+    out = studio.progressive(seed=3, progress=False, paste_back=paste_back, init="noise").place(subject, room, ones)
     plain = studio.inpaint(room, ones, subject, seed=3, paste_back=paste_back, progress=False)
     assert np.array_equal(np.asarray(out.image), np.asarray(plain.image))
     # the foundation sampler itself, in floats (what Studio.inpaint runs for this room)
@@ -90,13 +90,15 @@ def test_pixels_whose_map_is_zero_come_back_exactly(studio, paste_back):
 # ------------------------------------------------------------------------------------------- must-show 2
 
 
-def algorithm1(base, room, exemplar, mu_map, surgical, steps, seed, strength=1.0, scheduler="pndm", gs=5.0):
-    """Algorithm 1 of the paper, literally, with its own loop. mu_map: the paper's map (1 = keep).
+def algorithm1(base, room, exemplar, mu_map, surgical, steps, seed, strength=1.0, scheduler="pndm", gs=5.0,
+               prior_start=False):
+    """Algorithm 1 of the paper, line by line, with its own loop. mu_map: the paper's map (1 = keep).
 
     The UNet's inpainting channels (masked image, keep mask) and CFG are Paint by Example's: `denoise(z, p, t)`
-    is one guided UNet call plus one scheduler step. At the maximum strength, add_noise(z_2, T) is the prior
-    sample (diffusers' convention for strength 1), and z_1, z_2 are noised with that same noise, as diffusers'
-    img2img / inpaint pipelines noise their image. The random draws follow the sampler's order."""
+    is one guided UNet call plus one scheduler step. z_1, z_2 are noised with the prior's noise, as diffusers'
+    img2img / inpaint pipelines noise their image; the random draws follow the sampler's order. Line 8 is
+    add_noise(z_2, T) at every strength; `prior_start=True` replaces it, at the maximum strength only, by the
+    prior sample (diffusers' convention for strength 1: the session's init="noise")."""
     sampler = Sampler(base, progress=False)
     g = [torch.Generator().manual_seed(seed)]
     x1 = pil_to_tensor(room)
@@ -126,7 +128,9 @@ def algorithm1(base, room, exemplar, mu_map, surgical, steps, seed, strength=1.0
     z2_init = sampler.encode(x2, sample=False)  # line 5
     mu_d = F.interpolate(mu_map[None, None], size=(H // f, W // f), mode="bilinear", align_corners=False)  # 6
     z1 = sched.add_noise(z1_init, noise, timesteps[:1])  # line 7
-    z2 = prior if n == len(sched.timesteps) else sched.add_noise(z2_init, noise, timesteps[:1])  # line 8
+    z2 = sched.add_noise(z2_init, noise, timesteps[:1])  # line 8
+    if prior_start and n == len(sched.timesteps):
+        z2 = prior
     mask = (mu_d > 0).float()  # line 9
     z = z1 * mask + z2 * (1 - mask)  # line 10
     z = denoise(z, timesteps[0])  # line 11
@@ -139,18 +143,40 @@ def algorithm1(base, room, exemplar, mu_map, surgical, steps, seed, strength=1.0
     return sampler.decode(z)  # line 18
 
 
-@pytest.mark.parametrize("strength,scheduler,steps", [(1.0, "pndm", 8), (0.5, "ddim", 8), (1.0, "ddim", 1)])
+@pytest.mark.parametrize("strength,scheduler,steps",
+                         [(1.0, "pndm", 8), (1.0, "ddim", 8), (0.6, "ddim", 8), (0.5, "ddim", 8), (1.0, "ddim", 1)])
 def test_literal_algorithm1_matches_session_on_a_graded_map(studio, strength, scheduler, steps):
     room, exemplar = random_image(32, 32, 6), random_image(24, 40, 7)
     m = torch.zeros(32, 32)
     m[4:28, 3:29] = ramp_map(26, 24, 2, 20)  # graded: 0 .. 1 across the box
+    m[8:24, 22:29] = 1.0  # and fully edited at its right: free from the first step (lines 8/10)
     out = studio.progressive(seed=11, progress=False, strength=strength, scheduler=scheduler, steps=steps).place(
         exemplar, room, m)
     start = out.info["start_step"]
     assert steps == 1 or len(torch.unique(start)) >= 3  # really graded: several start steps
     with torch.no_grad():
         ref = algorithm1(studio.base, room, exemplar, 1 - m, out.surgical, steps, 11, strength, scheduler)
+        simplified = algorithm1(studio.base, room, exemplar, 1 - m, out.surgical, steps, 11, strength, scheduler,
+                                prior_start=True)
     assert (out.images - ref).abs().max() <= 1e-5
+    if strength == 1.0:  # the exemplar's signal at T is small but there: the pure-noise start is another image
+        assert (out.images - simplified).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim"])
+def test_init_noise_is_the_prior_start_at_full_strength(studio, scheduler):
+    room, exemplar = random_image(32, 32, 6), random_image(24, 40, 7)
+    m = torch.zeros(32, 32)
+    m[4:28, 3:29] = ramp_map(26, 24, 2, 20)
+    out = studio.progressive(seed=11, progress=False, scheduler=scheduler, steps=8, init="noise").place(
+        exemplar, room, m)
+    with torch.no_grad():
+        ref = algorithm1(studio.base, room, exemplar, 1 - m, out.surgical, 8, 11, 1.0, scheduler, prior_start=True)
+    assert (out.images - ref).abs().max() <= 1e-5
+    # below full strength the option changes nothing: every pixel is held to the surgery until the loop starts
+    a = studio.progressive(seed=2, progress=False, steps=8, strength=0.6, init="noise").place(exemplar, room, m)
+    b = studio.progressive(seed=2, progress=False, steps=8, strength=0.6).place(exemplar, room, m)
+    assert torch.equal(a.images, b.images)
 
 
 # ------------------------------------------------------------------------------------------- schedules
@@ -211,6 +237,8 @@ def test_bad_options_raise(studio):
         studio.progressive(strength=0)
     with pytest.raises(InvalidArgument):
         studio.progressive(steps=0)
+    with pytest.raises(InvalidArgument):
+        studio.progressive(init="exemplar")
     session = studio.progressive(progress=False)
     with pytest.raises(InvalidArgument):  # no room yet
         session.place(random_image(16, 16), None, torch.ones(8, 8))
@@ -293,11 +321,12 @@ def test_same_subject_in_two_regions_equals_one_region_with_the_union(studio):
     subject = FakeSubject(ex, random_adapter(studio.base.unet, 3), "lamp")
     m1, m2 = torch.zeros(32, 32), torch.zeros(32, 32)
     m1[4:16, 2:14], m2[10:28, 16:30] = 1.0, ramp_map(14, 18, 2, 8)
-    one = studio.progressive(seed=6, progress=False).place(subject, room, torch.maximum(m1, m2))
-    session = studio.progressive(seed=6, progress=False, regional_norm=False)
+    # init="noise": the surgery (one exemplar per box, two boxes vs the union's one) stays out of the comparison
+    one = studio.progressive(seed=6, progress=False, init="noise").place(subject, room, torch.maximum(m1, m2))
+    session = studio.progressive(seed=6, progress=False, regional_norm=False, init="noise")
     two = session.place_many([(subject, m1), (subject, m2)], room)
     assert (one.images - two.images).abs().max() <= 1e-5
-    regional = studio.progressive(seed=6, progress=False).place_many([(subject, m1), (subject, m2)], room)
+    regional = studio.progressive(seed=6, progress=False, init="noise").place_many([(subject, m1), (subject, m2)], room)
     assert (regional.images - two.images).abs().max() > 1e-3  # the default normalises per region
 
 

@@ -4,10 +4,16 @@ One batched sampler call of two rows that share the initial noise (and every sto
 
 - row 0, the SOURCE branch, reconstructs the room: no adapter, an empty edit mask (the UNet sees the whole room
   in its masked-image channels), conditioned on e_src = the image embedding of the room under the mask (the crop
-  of the room at the mask's box through the image encoder);
-- row 1, the TARGET branch, places the subject: its adapter, the user's mask, conditioned on the guided image
-  embedding e_tgt = e_src + lambda (e_subject - e_src) (sec. 4.2, eq. 7 with the subject's embedding standing in
-  for the prompt difference; lambda 0.4, App. C).
+  of the room at the mask's box through the image encoder). `source="inpaint"` (default) starts it from the
+  shared noise; `source="inversion"` starts both branches from the room's DDIM inversion (sec. 5.1 runs ViMAEdit
+  on inverted noise; here with the inpainting UNet's unmasked input, unguided, and the source row replayed
+  unguided so that it retraces the inversion);
+- row 1, the TARGET branch, places the subject: its adapter, the user's mask, the source condition e_src kept and
+  the subject's image embedding added through an extra cross-attention path scaled by lambda (sec. 4.2, eq. 8:
+  lambda softmax(Q K'^T / sqrt(d)) V', IP-Adapter's decoupled cross-attention; Paint by Example has no IP-Adapter
+  weights, so K', V' are each layer's own to_k / to_v of the subject's embedding; `guidance="attention"`).
+  `guidance="interpolate"` is the other reading: the one condition token e_tgt = e_src + lambda (e_subject -
+  e_src) (eq. 7 with the subject's embedding standing in for the prompt difference).
 
 Per step (the hook `DualBranchHook`, visible in the sampler's loop):
 
@@ -32,6 +38,7 @@ the paper's P2 and P1 for SD's 64x64 latents) are ours.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -39,7 +46,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttentionControl, attention_layers, controlled_processors, level_for
+from ..attention import AddedCondition, AttentionControl, attention_layers, controlled_processors, level_for
 from ..errors import InvalidArgument
 from ..images import ImageInput, load_exemplar, load_image, load_mask, mask_to_pil, pil_to_tensor, tensor_to_pil
 from ..masks import PasteBack, mask_box
@@ -48,6 +55,8 @@ from ..sampler import SamplerHook, make_scheduler
 from ..workframe import WorkFrame
 
 SALIENCY = ("noise", "scores")
+GUIDANCE = ("attention", "interpolate")  # how the subject's embedding enters the target branch
+SOURCES = ("inpaint", "inversion")  # how the source branch reconstructs the room
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,11 @@ class DualBranchSettings:
     guidance_scale: float = 5.0
     scheduler: str = "ddim"
     seed: int | None = 0
-    embedding_lambda: float = 0.4  # e_tgt = e_src + lambda (e_subject - e_src)
+    guidance: str = "interpolate"  # "interpolate": the one condition token e_tgt = e_src + lambda (e_subject -
+    #   e_src); "attention": e_src kept + lambda x the subject through an added attention path (eq. 8). The default
+    #   is the measured best for product placement (bench/session_quality.py), not the paper's form
+    embedding_lambda: float = 0.4
+    source: str = "inpaint"  # "inpaint": the room under an empty mask; "inversion": DDIM inversion of the room
     inject: bool = True  # self-attention injection source -> target (eq. 5)
     inject_blocks: tuple = ("up",)  # UNet blocks whose self-attention is injected
     inject_steps: tuple = (0.0, 0.5)  # fraction of the steps [start, end) with injection
@@ -103,6 +116,12 @@ class DualBranchSettings:
                 bad(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.variance_scale < 0:
             bad(f"variance_scale must be >= 0, got {self.variance_scale}")
+        if self.guidance not in GUIDANCE:
+            bad(f"guidance must be one of {GUIDANCE}, got {self.guidance!r}")
+        if self.source not in SOURCES:
+            bad(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "inversion" and str(self.scheduler).lower() != "ddim":
+            bad("source='inversion' inverts DDIM: use scheduler='ddim'")
         if self.saliency not in SALIENCY:
             bad(f"saliency must be one of {SALIENCY}, got {self.saliency!r}")
         lo_hi = tuple(self.inject_steps)
@@ -151,8 +170,14 @@ class DualBranchHook(SamplerHook):
     """Injection, grounding, adaptive variance and the source blend of one dual-branch call (rows [src, tgt])."""
 
     def __init__(self, settings: DualBranchSettings, user_mask: torch.Tensor, do_cfg: bool, scheduler_config,
-                 noise_seed: int):
+                 noise_seed: int, subject_embedding: torch.Tensor | None = None):
         self.s = settings
+        # the added attention path (eq. 8): the subject's embedding on the target's conditional row only (the
+        # unconditional rows get none, as IP-Adapter's zero negative image embedding)
+        self.added = None
+        if subject_embedding is not None:
+            self.added = AddedCondition(subject_embedding.reshape(1, -1, subject_embedding.shape[-1]),
+                                        rows=[3] if do_cfg else [1], scale=settings.embedding_lambda)
         self.user_mask = user_mask  # (1, 1, h, w) latent-size, 1 = editable
         self.do_cfg = do_cfg
         self.scheduler_config = scheduler_config
@@ -190,8 +215,10 @@ class DualBranchHook(SamplerHook):
         inject = attention_layers(unet, "self", blocks=s.inject_blocks) if s.inject else []
         if s.ground and not attention_layers(unet, "self", levels={self.self_level}):
             raise InvalidArgument(f"this UNet has no self-attention at the {self.p2[0]}x{self.p2[1]} grid")
+        added_layers = attention_layers(unet, "cross") if self.added is not None else []
         self._saved = unet.attn_processors
-        unet.set_attn_processor(controlled_processors(unet, self.control, capture=capture, inject=inject))
+        unet.set_attn_processor(controlled_processors(unet, self.control, capture=capture, inject=inject,
+                                                      added=self.added, added_layers=added_layers))
         if s.adaptive_variance:
             self.ddim = make_scheduler("ddim", self.scheduler_config)
             self.ddim.set_timesteps(self.n_steps, device=self.user_mask.device)
@@ -273,6 +300,29 @@ class DualBranchHook(SamplerHook):
         return self.saliency
 
 
+# ------------------------------------------------------------------------------------------ inversion
+
+
+@torch.no_grad()
+def invert(unet, latents: torch.Tensor, masked_latents: torch.Tensor, embedding: torch.Tensor, steps: int,
+           scheduler_config) -> torch.Tensor:
+    """DDIM inversion of clean `latents` (1, C, h, w) to the first timestep of a `steps`-step DDIM sampling, with
+    the inpainting UNet's unmasked input (the room's `masked_latents`, keep mask 1), conditioned on `embedding`
+    (1, T, D), unguided (diffusers' `DDIMInverseScheduler`, as its DiffEdit pipeline inverts)."""
+    from diffusers import DDIMInverseScheduler
+
+    known = set(inspect.signature(DDIMInverseScheduler.__init__).parameters)  # e.g. not PNDM's skip_prk_steps
+    config = {k: v for k, v in scheduler_config.items() if k in known}
+    inverse = DDIMInverseScheduler.from_config({**config, "clip_sample": False})
+    inverse.set_timesteps(steps, device=latents.device)
+    keep = torch.ones_like(latents[:, :1])
+    for t in inverse.timesteps:
+        x = torch.cat([inverse.scale_model_input(latents, t), masked_latents, keep], dim=1)
+        eps = unet(x, t, encoder_hidden_states=embedding).sample
+        latents = inverse.step(eps, t, latents).prev_sample
+    return latents
+
+
 # ------------------------------------------------------------------------------------------ result
 
 
@@ -341,26 +391,40 @@ class DualBranchSession:
         image, work_mask = frame.to_work(pil_to_tensor(room_pil), mask_t)
         image, work_mask = image.to(base.device), work_mask.to(base.device)
 
-        # 2. Embeddings: e_src from the room under the mask, e_tgt guided toward the subject (eq. 7)
+        # 2. Embeddings: e_src from the room under the mask; the subject's through the added path (eq. 8) or the
+        #    condition token interpolated toward it
         x0, y0, x1, y1 = mask_box(mask_t)
         e_subject, uncond = base.encode_exemplar([exemplar])  # one at a time: batching rounds differently
         e_src, _ = base.encode_exemplar([room_pil.crop((x0, y0, x1, y1))])
         e_subject, e_src = e_subject[0], e_src[0]
-        e_tgt = torch.lerp(e_src, e_subject, s.embedding_lambda)  # exactly e_subject at lambda 1
+        if s.guidance == "interpolate":
+            e_tgt, added = torch.lerp(e_src, e_subject, s.embedding_lambda), None  # exactly e_subject at lambda 1
+        else:
+            e_tgt, added = e_src, e_subject
         embeddings = torch.stack([e_src, e_tgt])
 
-        # 3. One batched call: row 0 source (empty mask, no adapter), row 1 target (user mask, adapter)
+        # 3. One batched call: row 0 source (empty mask, no adapter), row 1 target (user mask, adapter). Both
+        #    start from the same noise, or from the room's DDIM inversion (the source row then runs unguided, as
+        #    it was inverted: its unconditional embedding is its condition)
         images = torch.cat([image, image])
         masks = torch.cat([torch.zeros_like(work_mask), work_mask])
         factor = base.vae_scale_factor
         latent_mask = F.interpolate(work_mask, size=(image.shape[-2] // factor, image.shape[-1] // factor))
-        hook = DualBranchHook(s, latent_mask, s.guidance_scale > 1.0, base.scheduler.config, noise_seed=seed + 7919)
+        hook = DualBranchHook(s, latent_mask, s.guidance_scale > 1.0, base.scheduler.config, noise_seed=seed + 7919,
+                              subject_embedding=added)
+        generators = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)]
+        latents = None
+        if s.source == "inversion":
+            masked_src = studio.sampler.encode(image, [torch.Generator().manual_seed(seed)])  # row 0's, as the sampler
+            z0 = studio.sampler.encode(image, sample=False)
+            z_T = invert(base.unet, z0, masked_src, e_src[None], steps, base.scheduler.config)
+            latents = torch.cat([z_T, z_T])
+            uncond = torch.stack([e_src, uncond[0]])
         studio.sampler.progress = s.progress
         with studio.subjects([None, resolved.subject]):
             out = studio.sampler(
                 images, masks, embeddings, uncond=uncond, num_inference_steps=steps,
-                guidance_scale=s.guidance_scale, scheduler=s.scheduler,
-                generator=[torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)],
+                guidance_scale=s.guidance_scale, scheduler=s.scheduler, generator=generators, latents=latents,
                 hooks=[hook],
             )
 

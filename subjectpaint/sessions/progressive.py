@@ -15,11 +15,13 @@ Algorithm 1 with N sampler steps i = 0..N-1 is the paper's loop t = T..0 with T 
 at step i a latent pixel is copied from the source noised to the current timestep iff mu_d > threshold(i),
 threshold(i) = schedule((T - t) / T). Thresholds never decrease, so each pixel is held for a prefix of the
 steps: its start step is #{i : mu_d > threshold(i)}, which is exactly the sampler's `LatentStart` (one loop,
-no second one). At step 0 (line 10) a pixel not held starts from z_2^T, the surgical latent noised to T;
-at the maximum strength (the default, t_ds^max = T) that is the prior sample itself, as diffusers does for
-strength 1 (noise * init_noise_sigma), which is why an all-ones map equals plain exemplar inpainting.
-`strength` < 1 starts the paper's loop later (t_ds^max = the last round(strength * N) steps): every pixel is
-held to the surgical latent until then (z_2 where it starts free, z_1 elsewhere).
+no second one). At step 0 (lines 8/10) a pixel not held starts from z_2^T, the surgical latent noised to
+the first step with the prior's noise: at every strength, also the maximum (t_ds^max = T, the default), where
+the noised latent still keeps a small signal of the exemplar (sqrt(alpha_bar) = 0.076 at DDIM's t = 981,
+the first of 50 steps). `init="noise"` starts those pixels from the prior sample itself instead (noise *
+init_noise_sigma, as diffusers does for strength 1), at the maximum strength only: an all-ones map then equals
+plain exemplar inpainting. `strength` < 1 starts the paper's loop later (t_ds^max = the last round(strength * N) steps):
+every pixel is held to the surgical latent until then (z_2 where it starts free, z_1 elsewhere).
 
 Schedules (the authors' code, amazon-science/PIXELS, diffusion_pipe.py, with s = (T - t) / T = i / T):
 linear s; cubic s^3; log log1p(i) / log1p(T); sigmoid sigmoid(6 s - 3); or a callable s -> threshold.
@@ -56,6 +58,8 @@ from ..result import Placement, image_grid
 from ..sampler import AttentionProcessors, LatentStart
 from ..workframe import WorkFrame, encode_exemplars
 from .regions import RegionalGroupNorm, RegionWeights, regional_processors
+
+INITS = ("surgical", "noise")  # where pixels free at the first step start: z_2 noised (Algorithm 1), or the prior
 
 # ------------------------------------------------------------------------------------------- schedules
 
@@ -217,12 +221,13 @@ class ProgressiveSession:
         paste_back: PasteBack | bool | str = True,
         resolution: int | None = None,
         regional_norm: bool = True,
+        init: str = "surgical",
         progress: bool = True,
     ):
         self.studio = studio
         self.defaults = dict(schedule=schedule, strength=strength, steps=steps, guidance_scale=guidance_scale,
                              scheduler=scheduler, seed=seed, paste_back=paste_back, resolution=resolution,
-                             regional_norm=regional_norm, progress=progress)
+                             regional_norm=regional_norm, init=init, progress=progress)
         self._check_options(self.defaults)
         self.room: PIL.Image.Image | None = None  # the image the session started from
         self.history: list[Step] = []
@@ -303,9 +308,9 @@ class ProgressiveSession:
         local = thresholds(opts["schedule"], n_loop)
         held = start_steps(mu, local)  # leading held steps of the paper's loop
         z1 = studio.sampler.encode(image_w, sample=False)
-        if skip == 0:  # maximum strength: a pixel free at step 0 starts from the prior (z_2^T)
+        if opts["init"] == "noise" and skip == 0:  # pixels free at step 0 start from the prior itself
             start_step, source = held, z1
-        else:
+        else:  # lines 8/10: they start from the surgical latent z_2 noised to their first step
             z2 = studio.sampler.encode(_to_work(frame, pil_to_tensor(surgical), "image").to(base.device), sample=False)
             source = torch.where((mu > local[0]).to(z1.device)[None, None], z1, z2)
             del z2
@@ -352,7 +357,8 @@ class ProgressiveSession:
             steps=list(self.history),
             info={"steps": steps, "guidance_scale": opts["guidance_scale"], "scheduler": opts["scheduler"] or DEFAULT_SCHEDULER,
                   "schedule": opts["schedule"] if isinstance(opts["schedule"], str) else "callable",
-                  "strength": opts["strength"], "subjects": names, "start_step": start_step.cpu()},
+                  "strength": opts["strength"], "init": opts["init"], "subjects": names,
+                  "start_step": start_step.cpu()},
         )
 
     # ------------------------------------------------------------------ helpers
@@ -397,6 +403,8 @@ class ProgressiveSession:
             raise InvalidArgument(f"paste_back must be a bool, 'map' or a PasteBack; got {paste!r}")
         if not 0.0 < float(opts["strength"]) <= 1.0:
             raise InvalidArgument(f"strength must be in (0, 1]; got {opts['strength']}")
+        if opts["init"] not in INITS:
+            raise InvalidArgument(f"init must be one of {INITS}; got {opts['init']!r}")
         if not isinstance(opts["regional_norm"], bool):
             raise InvalidArgument(f"regional_norm must be a bool; got {opts['regional_norm']!r}")
         if opts["steps"] is not None and int(opts["steps"]) < 1:
