@@ -147,7 +147,7 @@ def cmd_worker(args) -> int:
 
     config = ServeConfig(base=args.base, registry_url=args.registry, blobs=args.blobs, detector=args.detector,
                          lease_seconds=args.lease, poll_seconds=args.poll, checkpoint_every=args.checkpoint_every,
-                         max_attempts=args.attempts)
+                         max_attempts=args.attempts, train_batch_size=args.batch_size)
     if args.threads:
         import torch
 
@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=1.0, help="seconds between looks for a queued job when idle")
     p.add_argument("--checkpoint-every", type=int, default=50, help="training steps between checkpoints")
     p.add_argument("--attempts", type=int, default=3, help="claims of a job before it fails (new jobs only)")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch size (a job's recipe may set its own)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--detector", default=None, help="DETR hub id or local dir for product boxes (default: none, "
                    "boxes from the photo backdrop)")

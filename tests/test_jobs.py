@@ -222,3 +222,97 @@ def test_replies_first_answer_wins(reg):
     assert replies.get("globex", "k", "h") is None
     with pytest.raises(IdempotencyMismatch):
         replies.get("acme", "k", "other")
+
+
+# -- the training worker (subjectpaint.serve.jobs) on the tiny base, SQLite ------------------------------------
+
+def _png(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def product_pngs():
+    from subjectpaint.demo.scenes import HELDOUT_PRODUCT_SEEDS, Product, product_photos
+
+    return [_png(p.image.resize((32, 32))) for p in product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[0]), 2)]
+
+
+@pytest.fixture
+def worker_env(tmp_path, tiny_base):
+    from subjectpaint.serve import ServeConfig
+
+    reg = Registry(f"sqlite:///{tmp_path}/registry.db", tmp_path / "blobs")
+    reg.create_tenant("acme")
+    config = ServeConfig(base="tiny", train_batch_size=2, checkpoint_every=2, lease_seconds=5, poll_seconds=0.05)
+    yield reg, config, tiny_base
+    reg.close()
+
+
+def _worker(env, **kw):
+    from subjectpaint.serve.jobs import TrainingWorker
+
+    reg, config, base = env
+    return TrainingWorker(config, registry=reg, base=base, **kw)
+
+
+@pytest.mark.slow
+def test_worker_trains_and_fails_bad_input_with_the_typed_message_then_goes_on(worker_env, product_pngs):
+    import PIL.Image
+
+    reg = worker_env[0]
+    q = JobQueue(reg)
+    blank = _png(PIL.Image.new("RGB", (32, 32), (200, 200, 200)))
+    no_product, _ = q.submit("acme", "blank", [blank], steps=3)
+    out_of_range, _ = q.submit("acme", "wild", product_pngs, steps=3, recipe={"strength": 5.0})
+    unknown, _ = q.submit("acme", "odd", product_pngs, steps=3, recipe={"colour": "blue"})
+    good, _ = q.submit("acme", "mug", product_pngs, steps=3)
+    worker = _worker(worker_env)
+    ended = [worker.run_one() for _ in range(4)]
+    assert [j.state for j in ended] == ["failed", "failed", "failed", "done"]
+    assert ended[0].error.startswith("InvalidImage: photo 0: no product found")
+    assert ended[1].error == "InvalidArgument: strength must be in (0, 2], got 5.0"
+    assert ended[2].error.startswith("InvalidArgument:") and "colour" in ended[2].error
+    assert ended[3].ref == "mug@1" and ended[3].step == 3 and ended[3].attempts == 1
+    assert worker.run_one() is None
+    assert {b.sha256 for b in reg.blobs.blobs()} == {reg.for_tenant("acme").get("mug").sha256}  # photos, ckpts gone
+
+
+@pytest.mark.slow
+def test_stopped_worker_checkpoints_and_gives_back_then_another_resumes(worker_env, product_pngs):
+    reg = worker_env[0]
+    q = JobQueue(reg)
+    job, _ = q.submit("acme", "mug", product_pngs, steps=8)
+    first = _worker(worker_env)
+    runner = threading.Thread(target=first.run_one)
+    runner.start()
+    deadline = time.time() + 120
+    while q.get("acme", job.id).checkpoint is None and time.time() < deadline:
+        time.sleep(0.05)
+    first.stop()   # what SIGTERM does in `subjectpaint worker`
+    runner.join()
+    back = q.get("acme", job.id)
+    assert back.state == "queued" and back.attempts == 0 and 2 <= back.step < 8 and back.checkpoint
+    second = _worker(worker_env)
+    done = second.run_one()
+    assert done.state == "done" and done.ref == "mug@1"
+    assert second.started_at_step == back.step   # resumed from the checkpoint, not from step 0
+    assert [r.ref for r in reg.for_tenant("acme").list()] == ["mug@1"]
+
+
+def test_a_retry_after_registering_adopts_the_version_instead_of_training_again(worker_env, product_pngs):
+    reg = worker_env[0]
+    q = JobQueue(reg)
+    job, _ = q.submit("acme", "mug", product_pngs, steps=3)
+    q.claim("dead-worker", 0.01)
+    g = __import__("torch").Generator().manual_seed(0)
+    tensors = {"unet.mid.attn1.to_q.lora_A.weight": __import__("torch").randn(4, 32, generator=g),
+               "unet.mid.attn1.to_q.lora_B.weight": __import__("torch").randn(32, 4, generator=g)}
+    reg.for_tenant("acme").register("mug", tensors)   # it registered, then died before marking the job done
+    time.sleep(0.05)
+    done = _worker(worker_env).run_one()
+    assert done.state == "done" and done.ref == "mug@1" and done.attempts == 2
+    assert [r.ref for r in reg.for_tenant("acme").list()] == ["mug@1"]

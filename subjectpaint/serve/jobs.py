@@ -40,6 +40,9 @@ class _JobCallback(L.Callback):
     def __init__(self, run: "_Run"):
         self.run = run
 
+    def on_train_start(self, trainer, *args, **kwargs):
+        self.run.worker.started_at_step = int(trainer.global_step)  # > 0: resumed from a checkpoint
+
     def on_train_batch_end(self, trainer, *args, **kwargs):
         run, step = self.run, int(trainer.global_step)
         run.step = step
@@ -92,6 +95,7 @@ class TrainingWorker:
         self._base = base
         self.stopping = stopping if stopping is not None else threading.Event()
         self.jobs_run = 0
+        self.started_at_step: int | None = None  # the step the last fit started from (a figure for tests)
 
     @property
     def base(self):
