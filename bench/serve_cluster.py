@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 
 import httpx
 import numpy as np
@@ -103,9 +104,10 @@ def main():
     home = tempfile.mkdtemp(prefix="subjectpaint-cluster-")
     url, blobs = args.registry or f"sqlite:///{home}/registry.db", args.blobs or f"{home}/blobs"
     registry = Registry(url, blobs)
-    registry.create_tenant("bench")
-    key = registry.issue_key("bench")
-    view = registry.for_tenant("bench")
+    tenant = f"bench-{uuid.uuid4().hex[:8]}"   # a tenant of its own: a given registry can be reused
+    registry.create_tenant(tenant)
+    key = registry.issue_key(tenant)
+    view = registry.for_tenant(tenant)
     Subject.train([PIL.Image.open(io.BytesIO(b)) for b in _photos(0)], "placed", Studio(ExemplarInpainter.tiny(0),
                   registry=view), registry=view, steps=1, batch_size=2, detector=None, progress=False)
     scene = make_scene(EVAL_SEEDS[0], 32)
@@ -141,38 +143,42 @@ def main():
                         else:
                             place_failed[0] += 1
 
+        queue, killed, current = JobQueue(registry), [0], [worker]
+        submitted, submit_retries = [], 0
+
+        def killer():   # kill -9 the worker while it trains (after its first checkpoint), then start a fresh one
+            while not stop.is_set() and not killed[0]:
+                jobs = [queue.get(tenant, job_id) for job_id in list(submitted)]
+                if any(j.state == "running" and j.checkpoint for j in jobs):
+                    os.kill(current[0].pid, signal.SIGKILL)
+                    current[0].wait()
+                    killed[0] = 1
+                    time.sleep(1.0)
+                    current[0] = procs.worker()
+                time.sleep(0.1)
+
         threads = [threading.Thread(target=placer, args=(i,), daemon=True) for i in range(clients)]
+        threads.append(threading.Thread(target=killer, daemon=True))
         for t in threads:
             t.start()
-        submitted, submit_failed = [], 0
         with httpx.Client(headers={"X-API-Key": key}, timeout=60) as http:
             for i in range(jobs_n):   # the registration stream: one every second, alternating serves
                 files = [("photos", (f"p{k}.png", b, "image/png")) for k, b in enumerate(_photos(i + 1))]
-                try:
-                    r = http.post(f"{urls[i % 2]}/v1/subjects", data={"name": f"product-{i}", "steps": str(steps)},
-                                  files=files, headers={"Idempotency-Key": f"product-{i}"})
-                    if r.status_code == 202:
-                        submitted.append(r.json()["id"])
-                    else:
-                        submit_failed += 1
-                except httpx.HTTPError:
-                    submit_failed += 1
-                time.sleep(1.0)
-            # kill -9 the worker while it trains (after its first checkpoint), then start a fresh one
-            queue, killed = JobQueue(registry), 0
-            end = time.monotonic() + args.timeout
-            while time.monotonic() < end and not killed:
-                running = [j for j in (queue.get("bench", i) for i in submitted) if j.state == "running"]
-                if any(j.checkpoint for j in running):
-                    os.kill(worker.pid, signal.SIGKILL)
-                    worker.wait()
-                    killed = 1
+                give_up = time.monotonic() + args.timeout
+                while time.monotonic() < give_up:   # 429 (queue full), 5xx, timeouts: retry, same key
+                    try:
+                        r = http.post(f"{urls[(i + submit_retries) % 2]}/v1/subjects", files=files,
+                                      data={"name": f"product-{i}", "steps": str(steps)},
+                                      headers={"Idempotency-Key": f"product-{i}"})
+                        if r.status_code == 202:
+                            submitted.append(r.json()["id"])
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    submit_retries += 1
                     time.sleep(1.0)
-                    worker = procs.worker()
-                elif all(queue.get("bench", i).state not in ("queued", "running") for i in submitted):
-                    break
-                time.sleep(0.1)
-            states = {}
+                time.sleep(1.0)
+            states, end = {}, time.monotonic() + args.timeout
             while time.monotonic() < end:   # poll through the serve processes, as a client would
                 for n, job_id in enumerate(submitted):
                     if states.get(job_id) in ("done", "failed", "cancelled"):
@@ -193,19 +199,20 @@ def main():
         procs.kill_all()
     done = sum(s == "done" for s in states.values())
     failed = sum(s == "failed" for s in states.values())
-    lost = jobs_n - done - failed
+    lost = jobs_n - done - failed   # never accepted, or accepted and never ended
     ms = np.array(lat) * 1000 if lat else np.array([float("nan")])
     summary = {"bench": "serve_cluster", "date": time.strftime("%Y-%m-%d", time.gmtime()), "quick": args.quick,
                "registry": url.split(":")[0], "blobs": blobs.split("://")[0] if "://" in blobs else "dir",
-               "serve_processes": 2, "workers": 1, "worker_kills": killed, "train_steps": steps,
-               "jobs_submitted": jobs_n, "submit_failed": submit_failed, "jobs_done": done, "jobs_failed": failed,
+               "serve_processes": 2, "workers": 1, "worker_kills": killed[0], "train_steps": steps,
+               "jobs_submitted": jobs_n, "jobs_accepted": len(submitted), "submit_retries": submit_retries,
+               "jobs_done": done, "jobs_failed": failed,
                "jobs_lost": lost, "extra_versions": sum(v - 1 for v in versions.values()),
                "placements_ok": place_ok[0], "placements_failed": place_failed[0],
                "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
                "startup_s": round(startup_s, 1), "wall_s": round(time.monotonic() - started, 1),
                "goals": {"jobs_lost": 0, "placements_failed": 0, "extra_versions": 0}}
     summary["goal_met"] = lost == 0 and place_failed[0] == 0 and summary["extra_versions"] == 0 and failed == 0
-    print(f"{done}/{jobs_n} jobs done ({failed} failed, {lost} lost) with {killed} worker kill; "
+    print(f"{done}/{jobs_n} jobs done ({failed} failed, {lost} lost) with {killed[0]} worker kill; "
           f"{place_ok[0]} placements ok, {place_failed[0]} failed, p50 {summary['p50_ms']} ms, "
           f"p99 {summary['p99_ms']} ms")
     print(json.dumps(summary))

@@ -120,7 +120,7 @@ def cmd_serve(args) -> int:
     config = ServeConfig(base=args.base, registry_url=args.registry, blobs=args.blobs, max_batch_size=args.max_batch_size,
                          batch_timeout=args.batch_timeout, train_steps=args.train_steps, place_steps=args.steps,
                          worker=not args.no_worker)
-    server, _ = build_server(config)
+    server, state = build_server(config)
     if args.command == "ui":
         from adapters_store import Registry
 
@@ -135,7 +135,11 @@ def cmd_serve(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
-    run(server, host=args.host, port=args.port)
+    try:
+        run(server, host=args.host, port=args.port)
+    finally:
+        if state.worker is not None:  # the embedded worker checkpoints its job and gives it back
+            state.worker.close()
     return 0
 
 

@@ -207,10 +207,13 @@ def test_two_serves_two_workers_kill_idempotency_isolation_restart(cluster, tmp_
             assert w.wait(60) == 0
     queued = _register(a, acme, "lamp", photos, steps=4).json()
     assert queued["state"] == "queued"
+    dropped = _register(a, acme, "vase", photos, steps=4).json()   # cancelled through B before anyone trains it
+    assert httpx.delete(f"{b}/v1/jobs/{dropped['id']}", headers={"X-API-Key": acme}).json()["state"] == "cancelled"
     cluster.kill_all()
     cluster.worker()
     proc_c, c = cluster.serve()
     wait_healthy(c, 180, proc_c)
     assert _wait(c, acme, queued["id"])["state"] == "done"
+    assert httpx.get(f"{c}/v1/jobs/{dropped['id']}", headers={"X-API-Key": acme}).json()["state"] == "cancelled"
     assert [r.ref for r in reg.for_tenant("acme").list()] == ["lamp@1", "mug@1"]
     reg.close()
