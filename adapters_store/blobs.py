@@ -49,7 +49,9 @@ class BlobStore:
     def __init__(self, root: str | os.PathLike):
         root = os.fspath(root)
         self.url = root
-        self.fs, path = fsspec.core.url_to_fs(os.path.expanduser(root))
+        # Object stores: no listing cache, so a blob another process wrote (or removed) is seen at once.
+        options = {"use_listings_cache": False} if root.split("://", 1)[0] in ("s3", "s3a", "gs", "gcs") else {}
+        self.fs, path = fsspec.core.url_to_fs(os.path.expanduser(root), **options)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
                                 else (self.fs.protocol,))
         self.root = os.path.abspath(path) if self.local else path.rstrip("/")
@@ -99,7 +101,8 @@ class BlobStore:
         sha = sha256_hex(data)
         final = self.path(sha)
         if self.verified(sha):
-            self._touch(final)
+            if not self._touch(final) and not self.local:
+                self.fs.pipe_file(final, data)  # no touch on S3: rewrite (one PUT, atomic) to refresh its age
             return sha
         tmp = self._join(self._tmp_dir, f"{uuid.uuid4().hex}{TMP_SUFFIX}")
         if self.local:
@@ -131,17 +134,19 @@ class BlobStore:
                 pass
             raise
 
-    def _touch(self, path: str) -> None:
+    def _touch(self, path: str) -> bool:
+        """Refresh the file's mtime (so a concurrent ``gc`` grace protects it); False if the filesystem can't."""
         if self.local:
             try:
                 os.utime(path)
             except FileNotFoundError:
                 pass
-        elif hasattr(self.fs, "touch"):
-            try:
-                self.fs.touch(path, truncate=False)
-            except (NotImplementedError, TypeError, ValueError):
-                pass
+            return True
+        try:
+            self.fs.touch(path, truncate=False)
+            return True
+        except (NotImplementedError, TypeError, ValueError, AttributeError):
+            return False
 
     # -- listing and removal (for gc) ------------------------------------------------------
     def _mtime(self, info: dict) -> float:

@@ -26,6 +26,7 @@ from .cache import AdapterCache
 from .database import WRITE, make_engine, normalize_url, upgrade
 from .errors import (AdapterCorrupt, AdapterNotFound, InvalidAdapter, InvalidName, RegistryBusy,
                      StoreError, VersionExists)
+from .jobs import active_job_blobs
 from .naming import parse_ref, validate_name
 from .record import AdapterRecord, GcReport, record_from_row
 from .schema import FINGERPRINT_LENGTH, AdapterVersion, BaseModel, Subject
@@ -394,6 +395,7 @@ class Registry(TenantAdmin):
         ``grace_seconds`` (the grace protects writes in flight; pass 0 when nothing else runs)."""
         with self._read() as session:
             referenced = set(session.scalars(select(AdapterVersion.sha256).distinct()))
+            referenced |= active_job_blobs(session)   # photos and checkpoints of queued / running jobs
         now = time.time()
         removed = kept = freed = 0
         for blob in self.blobs.blobs():

@@ -4,8 +4,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String,
-                        UniqueConstraint)
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String,
+                        Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAME_LENGTH = 128
@@ -99,3 +99,53 @@ class AdapterVersion(Base):
     created: Mapped[datetime] = mapped_column(default=utcnow)
 
     subject: Mapped[Subject] = relationship(back_populates="adapters")
+
+
+class Job(Base):
+    """A registration job: train an adapter for ``name`` from ``photos`` (blob hashes) with ``recipe``
+    (override fields). Any process reads it; ``subjectpaint worker`` processes claim it with a lease
+    (``lease_owner`` until ``lease_expires``, epoch seconds) and heartbeat while training; ``checkpoint``
+    is the blob of its last Lightning checkpoint, so a job whose worker died resumes elsewhere."""
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+        Index("ix_jobs_state_created", "state", "created"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE", name="fk_jobs_tenant_id"))
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    state: Mapped[str] = mapped_column(String(16))
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    steps: Mapped[int] = mapped_column(Integer)
+    ref: Mapped[str | None] = mapped_column(String(NAME_LENGTH + 16))
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    lease_owner: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    lease_expires: Mapped[float | None] = mapped_column(Float)
+    photos: Mapped[list[str]] = mapped_column(JSON, default=list)
+    recipe: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    checkpoint: Mapped[str | None] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    updated: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Reply(Base):
+    """The first answer to a request sent with an ``Idempotency-Key``: a retry gets it back verbatim."""
+    __tablename__ = "replies"
+    __table_args__ = (UniqueConstraint("tenant_id", "key", name="uq_replies_tenant_key"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE", name="fk_replies_tenant_id"))
+    key: Mapped[str] = mapped_column(String(256))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    media_type: Mapped[str] = mapped_column(String(128))
+    headers: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created: Mapped[datetime] = mapped_column(default=utcnow)

@@ -176,8 +176,9 @@ def cmd_serve(args) -> int:
     from .serve import ServeConfig, build_server, run
 
     config = ServeConfig(base=args.base, registry_url=args.registry, blobs=args.blobs, max_batch_size=args.max_batch_size,
-                         batch_timeout=args.batch_timeout, train_steps=args.train_steps, place_steps=args.steps)
-    server, _ = build_server(config)
+                         batch_timeout=args.batch_timeout, train_steps=args.train_steps, place_steps=args.steps,
+                         worker=not args.no_worker)
+    server, state = build_server(config)
     if args.command == "ui":
         from adapters_store import Registry
 
@@ -192,7 +193,33 @@ def cmd_serve(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
-    run(server, host=args.host, port=args.port)
+    try:
+        run(server, host=args.host, port=args.port)
+    finally:
+        if state.worker is not None:  # the embedded worker checkpoints its job and gives it back
+            state.worker.close()
+    return 0
+
+
+def cmd_worker(args) -> int:
+    import signal
+
+    from .serve import ServeConfig
+    from .serve.jobs import TrainingWorker
+
+    config = ServeConfig(base=args.base, registry_url=args.registry, blobs=args.blobs, detector=args.detector,
+                         lease_seconds=args.lease, poll_seconds=args.poll, checkpoint_every=args.checkpoint_every,
+                         max_attempts=args.attempts, train_batch_size=args.batch_size)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    worker = TrainingWorker(config)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())  # checkpoint the running job, give it back, exit
+    signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    if not args.quiet:
+        print(f"training worker {worker.owner} on {worker.registry!r}", flush=True)
+    worker.run()
     return 0
 
 
@@ -310,9 +337,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--train-steps", type=int, default=300, help="default and maximum training steps per job")
         p.add_argument("--steps", type=int, default=None, help="default denoising steps of a placement")
         p.add_argument("--tenant", default="default", help="ui: the tenant whose key the page gets")
+        p.add_argument("--no-worker", action="store_true",
+                       help="do not train in this process: registration jobs wait for `subjectpaint worker` processes")
         store_options(p)
         _base_options(p)
         p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="train queued registration jobs (any number of workers, on any machine "
+                       "with the same --registry and --blobs); SIGTERM checkpoints the running job and gives it back")
+    p.add_argument("--lease", type=float, default=30.0, help="seconds a job stays ours past the last heartbeat")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between looks for a queued job when idle")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="training steps between checkpoints")
+    p.add_argument("--attempts", type=int, default=3, help="claims of a job before it fails (new jobs only)")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch size (a job's recipe may set its own)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--detector", default=None, help="DETR hub id or local dir for product boxes (default: none, "
+                   "boxes from the photo backdrop)")
+    store_options(p)
+    _base_options(p)
+    p.set_defaults(func=cmd_worker)
 
     add_commands(sub)  # the registry's own: list, rm, gc, export, import, tenants
     return parser

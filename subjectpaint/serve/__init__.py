@@ -5,7 +5,7 @@
     run(server, port=8000)
 
 Endpoints (API key in `X-API-Key`, bound to one tenant): `POST /v1/subjects` (multipart: name, photos[], steps;
-202 + a job), `GET /v1/jobs/{id}`, `GET /v1/subjects`, `GET|DELETE /v1/subjects/{ref}`, `POST /v1/place` (JSON,
+202 + a job), `GET|DELETE /v1/jobs/{id}`, `GET /v1/subjects`, `GET|DELETE /v1/subjects/{ref}`, `POST /v1/place` (JSON,
 returns PNG), `GET /health`, `GET /metrics` (Prometheus text), `GET /ui` (the studio page).
 """
 
@@ -27,6 +27,10 @@ def build_server(config: ServeConfig):
                                                                                  {"max_bytes": config.max_upload_bytes})])
     state = ServeState(config, server, api)
     add_routes(server.app, state)
+    if config.worker:  # jobs are trained in this process too (`--no-worker`: only by `subjectpaint worker`s)
+        from .jobs import EmbeddedWorker
+
+        state.worker = EmbeddedWorker(config).start()
     return server, state
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Literal
 
 import PIL.Image
-from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..choices import DEFAULT_SCHEDULE, SCHEDULES
-from ..errors import ERRORS, InvalidArgument, InvalidImage, VersionExists
+from ..errors import ERRORS, InvalidArgument, InvalidImage
 from .errors import status_of
-from .jobs import JobFull, TrainingJobs
+from .jobs_api import job_router, replay_place, store_place
 from .metrics import Metrics
 
 UI = Path(__file__).with_name("ui.html")
@@ -62,12 +62,26 @@ class ServeState:
     """What the app holds, created on first use (after any fork of the server process)."""
 
     def __init__(self, config, server, place_api):
-        from ..studio import Studio
-
         self.config, self.server, self.place_api = config, server, place_api
         self.metrics = Metrics()
-        self.jobs = TrainingJobs(config, lambda: Studio.load(config.base).base)
-        self._registry = self._handler = None
+        self._registry = self._handler = self._jobs = self._replies = None
+        self.worker = None  # the embedded training worker (`EmbeddedWorker`), when this process runs one
+
+    @property
+    def jobs(self):
+        if self._jobs is None:
+            from adapters_store.jobs import JobQueue
+
+            self._jobs = JobQueue(self.registry, max_attempts=self.config.max_attempts)
+        return self._jobs
+
+    @property
+    def replies(self):
+        if self._replies is None:
+            from adapters_store.replies import Replies
+
+            self._replies = Replies(self.registry)
+        return self._replies
 
     @property
     def registry(self):
@@ -101,10 +115,6 @@ class ServeState:
 
 def add_routes(app: FastAPI, state: ServeState) -> None:
     config, metrics = state.config, state.metrics
-
-    @app.exception_handler(JobFull)
-    async def _job_full(request, exc):
-        return JSONResponse({"detail": str(exc)}, 429)
 
     for kind in ERRORS:
         @app.exception_handler(kind)
@@ -145,32 +155,16 @@ def add_routes(app: FastAPI, state: ServeState) -> None:
     def delete_subject(ref: str, t: str = Depends(tenant)):
         return {"deleted": view(t).delete(ref)}
 
-    @app.post("/v1/subjects", status_code=202)
-    async def register_subject(t: str = Depends(tenant), name: str = Form(...), steps: int | None = Form(None),
-                               photos: list[UploadFile] = File(...)):
-        from adapters_store.naming import validate_name
-
-        validate_name(name)
-        steps = config.train_steps if steps is None else steps
-        if not 1 <= steps <= config.train_steps:
-            raise InvalidArgument(f"steps must be in 1..{config.train_steps}")
-        if not 1 <= len(photos) <= config.max_photos:
-            raise InvalidArgument(f"send 1..{config.max_photos} photos (2-4 recommended), got {len(photos)}")
-        images = [state.image(await p.read(), f"photo {i} ({p.filename})") for i, p in enumerate(photos)]
-        registry = view(t)
-        if registry.exists(name) or name in state.jobs.pending_names(t):
-            raise VersionExists(f"subject {name!r} already exists or is being trained")
-        return state.jobs.submit(registry, t, name, images, steps).public()
-
-    @app.get("/v1/jobs/{job_id}")
-    def get_job(job_id: str, t: str = Depends(tenant)):
-        job = state.jobs.get(t, job_id)
-        if job is None:
-            raise HTTPException(404, f"job {job_id!r} not found")
-        return job.public()
+    app.include_router(job_router(state, tenant))   # POST /v1/subjects, GET|DELETE /v1/jobs/{id}
 
     @app.post("/v1/place")
-    async def place(body: PlaceRequest, t: str = Depends(tenant)):
+    async def place(body: PlaceRequest, t: str = Depends(tenant), idempotency_key: str | None = Header(None)):
+        digest, replay = replay_place(state, t, idempotency_key, body)
+        if replay is not None:
+            return replay
+        return store_place(state, t, idempotency_key, digest, await _place(body, t))
+
+    async def _place(body: PlaceRequest, t: str):
         from ..images import load_mask
 
         started = time.perf_counter()

@@ -29,13 +29,20 @@ class ServeConfig:
     detector: str | None = None  # DETR hub id or local dir for product boxes; None: backdrop boxes only
     torch_threads: int | None = None
     request_timeout: float = 120.0
+    worker: bool = True  # run a training worker thread in the serve process (`serve --no-worker`: jobs only queue)
+    lease_seconds: float = 30.0  # a training worker holds its job this long past its last heartbeat (lease / 3)
+    poll_seconds: float = 1.0  # an idle training worker looks for a queued job this often
+    checkpoint_every: int = 50  # training steps between checkpoints in the blob store (a killed job resumes there)
+    max_attempts: int = 3  # claims of one job (its worker died or hit an internal error) before it fails
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_upload_bytes", "max_side", "max_photos", "max_jobs", "train_steps",
-                     "train_batch_size", "max_place_steps"):
+                     "train_batch_size", "max_place_steps", "checkpoint_every", "max_attempts"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"{name} must be a positive int, got {value!r}")
         if self.batch_timeout < 0:
             raise InvalidArgument("batch_timeout must be >= 0")
+        if not self.lease_seconds > 0 or not self.poll_seconds > 0:
+            raise InvalidArgument("lease_seconds and poll_seconds must be > 0")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from adapters_store.jobs import QueueFull
+
 from ..errors import (AdapterCorrupt, AdapterNotFound, BaseMismatch, InvalidKey, RegistryBusy, TenantNotFound,
                       VersionExists)
 
@@ -12,6 +14,7 @@ STATUS = [  # first match wins (order: most specific first)
     (VersionExists, 409),
     (BaseMismatch, 409),
     (RegistryBusy, 503),
+    (QueueFull, 429),
     (AdapterCorrupt, 503),
 ]
 
