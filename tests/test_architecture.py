@@ -109,7 +109,7 @@ def _cycles() -> list[list[str]]:
 
 def test_the_graph_is_read():
     # the reader sees what it must: an import inside a function, a relative import, `from pkg import module`
-    assert "trainers.lora_module" in GRAPH["subjectpaint.subject"]  # inside Subject.train
+    assert "trainers.train" in GRAPH["subjectpaint.subject"]  # inside Subject.train
     assert "subjectpaint.workframe" in GRAPH["subjectpaint.sessions.progressive"]  # from ..workframe import
     assert "adapters_store.adapter_file" in GRAPH["subjectpaint.slots"]  # from adapters_store import adapter_file
     assert "subjectpaint.sessions.progressive" in GRAPH["subjectpaint.studio"]
@@ -156,8 +156,6 @@ def test_production_code_does_not_import_the_demo():
     assert _demo_importers() - DEMO_USERS - {"subjectpaint.subject"} == set()
 
 
-@pytest.mark.xfail(strict=True, reason="Subject.train's default composite backgrounds are demo rooms; the training "
-                                       "recipe work removes this import (then drop this mark)")
 def test_the_training_facade_does_not_import_the_demo():
     assert "subjectpaint.subject" not in _demo_importers()
 

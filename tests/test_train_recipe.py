@@ -217,3 +217,16 @@ def test_no_production_module_imports_the_demo():
                    or n in ("..demo", ".demo") for n in names):
                 offenders.append(f"{rel}:{node.lineno}")
     assert offenders == []
+
+
+def test_the_demo_rooms_are_found_without_importing_the_demo():
+    # the "demo" preset's rooms come through the entry point the package declares: a user who trains on the demo
+    # base never imports subjectpaint.demo, and trainers never names it
+    code = ("import sys; from trainers.recipe import background_source; "
+            "assert 'subjectpaint.demo' not in sys.modules; make = background_source('demo-rooms'); "
+            "print(make.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert out.stdout.strip() == "subjectpaint.demo.preset"
+    with pytest.raises(InvalidArgument, match="no background source"):
+        background_source("no-such-rooms")

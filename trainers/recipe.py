@@ -221,17 +221,26 @@ PRESETS: dict[str, TrainRecipe] = {
 # ------------------------------------------------------------------------------------ background sources
 
 _BACKGROUND_SOURCES: dict[str, Callable] = {}
+ENTRY_POINT_GROUP = "subjectpaint.background_sources"
 
 
 def register_background_source(name: str, make: Callable) -> None:
     """Make `background_source=name` available: `make(base, recipe)` returns the rooms (PIL images) to composite
-    onto. The demo registers "demo-rooms" (its procedural rooms) when `subjectpaint.demo` is imported."""
+    onto."""
     _BACKGROUND_SOURCES[name] = make
 
 
 def background_source(name: str) -> Callable:
+    """The source registered under `name`, or else the one an installed package declares under the entry-point
+    group "subjectpaint.background_sources" (the demo declares "demo-rooms" in pyproject.toml, so training on the
+    demo base needs no import of the demo, and trainers never names it)."""
     if name not in _BACKGROUND_SOURCES:
-        hint = " (import subjectpaint.demo to register the demo's rooms)" if name == "demo-rooms" else ""
-        raise InvalidArgument(f"no background source {name!r} is registered{hint}; registered: "
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
+            _BACKGROUND_SOURCES[name] = entry.load()
+            break
+    if name not in _BACKGROUND_SOURCES:
+        raise InvalidArgument(f"no background source {name!r} is registered; registered: "
                               f"{', '.join(sorted(_BACKGROUND_SOURCES)) or 'none'}")
     return _BACKGROUND_SOURCES[name]

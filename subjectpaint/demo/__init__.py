@@ -1,6 +1,6 @@
 """The embedded demo: a procedural product-in-room scene generator (`subjectpaint.demo.scenes`) whose true
-composites make inpainting quality a number, and the small base trained on it. Importing it registers the "demo"
-training preset's procedural rooms (`subjectpaint.demo.preset`)."""
+composites make inpainting quality a number, and the small base trained on it. The "demo" training preset's
+procedural rooms are `subjectpaint.demo.preset.training_rooms`, declared as an entry point (pyproject.toml)."""
 
 from .scenes import (  # noqa: F401
     EVAL_SEEDS,
@@ -20,4 +20,3 @@ from .scenes import (  # noqa: F401
     product_split,
     scene_split,
 )
-from . import preset  # noqa: F401,E402  (registers the demo preset's rooms with trainers.recipe)

@@ -1,10 +1,8 @@
 """The "demo" training preset's data: the procedural rooms a subject is composited onto when it is trained on the
-demo base (`trainers.recipe`'s "demo-rooms" background source). Registered on `import subjectpaint.demo`;
-production code never imports the demo."""
+demo base (`trainers.recipe`'s "demo-rooms" background source, found through the entry point pyproject.toml
+declares); production code never imports the demo."""
 
 from __future__ import annotations
-
-from trainers.recipe import register_background_source
 
 from .scenes import TRAIN_SEEDS, make_room
 
@@ -14,5 +12,3 @@ def training_rooms(base, recipe) -> list:
     return [make_room(TRAIN_SEEDS[(recipe.seed * 7919 + k) % len(TRAIN_SEEDS)], base.resolution)
             for k in range(recipe.backgrounds)]
 
-
-register_background_source("demo-rooms", training_rooms)
