@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from .blobs import StoredFile, sha256_hex
 from .errors import InvalidAdapter, StoreError, TenantNotFound
 from .naming import validate_name
 from .schema import AdapterVersion, Job, Tenant, utcnow
@@ -128,8 +129,6 @@ class JobQueue:
                 path = self.blobs.path(sha)
             except ValueError:
                 continue
-            from .blobs import StoredFile  # same package, leaf module
-
             self.blobs.remove(StoredFile(path, sha, 0.0))
 
     # -- submit / read / cancel (any process, tenant-scoped) -------------------------------
@@ -298,8 +297,6 @@ class JobQueue:
 
     def read_blob(self, sha: str) -> bytes:
         """A job blob's bytes, verified against its hash (``StoreError`` if missing or corrupt)."""
-        from .blobs import sha256_hex
-
         try:
             data = self.blobs.read(sha)
         except FileNotFoundError:
