@@ -146,7 +146,7 @@ class JobQueue:
         if idempotency_key is not None and not 0 < len(idempotency_key) <= 256:
             raise InvalidAdapter("an idempotency key must be 1..256 characters")
         if idempotency_key is not None:
-            found = self._by_key(tenant, idempotency_key, request_hash)
+            found = self.by_key(tenant, idempotency_key, request_hash)
             if found is not None:
                 return found, False
         shas = [self.blobs.put(bytes(p)) for p in photos]
@@ -180,7 +180,7 @@ class JobQueue:
             raise IdempotencyMismatch("this Idempotency-Key was used with a different request")
         return row
 
-    def _by_key(self, tenant: str, key: str, request_hash: str | None) -> JobRecord | None:
+    def by_key(self, tenant: str, key: str, request_hash: str | None) -> JobRecord | None:
         with self.registry._read() as session:
             row = self._keyed(session, self._tenant_pk(session, tenant), key, request_hash)
             return _record(row, tenant) if row is not None else None
