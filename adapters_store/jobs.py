@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from .blobs import StoredFile, sha256_hex
 from .errors import InvalidAdapter, StoreError, TenantNotFound
 from .naming import validate_name
 from .schema import AdapterVersion, Job, Tenant, utcnow
@@ -128,8 +129,6 @@ class JobQueue:
                 path = self.blobs.path(sha)
             except ValueError:
                 continue
-            from .blobs import StoredFile  # same package, leaf module
-
             self.blobs.remove(StoredFile(path, sha, 0.0))
 
     # -- submit / read / cancel (any process, tenant-scoped) -------------------------------
@@ -147,7 +146,7 @@ class JobQueue:
         if idempotency_key is not None and not 0 < len(idempotency_key) <= 256:
             raise InvalidAdapter("an idempotency key must be 1..256 characters")
         if idempotency_key is not None:
-            found = self._by_key(tenant, idempotency_key, request_hash)
+            found = self.by_key(tenant, idempotency_key, request_hash)
             if found is not None:
                 return found, False
         shas = [self.blobs.put(bytes(p)) for p in photos]
@@ -181,7 +180,7 @@ class JobQueue:
             raise IdempotencyMismatch("this Idempotency-Key was used with a different request")
         return row
 
-    def _by_key(self, tenant: str, key: str, request_hash: str | None) -> JobRecord | None:
+    def by_key(self, tenant: str, key: str, request_hash: str | None) -> JobRecord | None:
         with self.registry._read() as session:
             row = self._keyed(session, self._tenant_pk(session, tenant), key, request_hash)
             return _record(row, tenant) if row is not None else None
@@ -298,8 +297,6 @@ class JobQueue:
 
     def read_blob(self, sha: str) -> bytes:
         """A job blob's bytes, verified against its hash (``StoreError`` if missing or corrupt)."""
-        from .blobs import sha256_hex
-
         try:
             data = self.blobs.read(sha)
         except FileNotFoundError:

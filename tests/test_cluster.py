@@ -48,18 +48,13 @@ def _png(image) -> bytes:
 def store(tmp_path):
     """(registry URL, blob URL): Postgres + S3 when the CI servers are there, SQLite + a directory otherwise."""
     pg, s3 = os.environ.get("SUBJECTPAINT_TEST_PG_URL"), os.environ.get("SUBJECTPAINT_TEST_S3_URL")
-    url, cleanup = f"sqlite:///{tmp_path}/registry.db", None
+    url, admin, schema = f"sqlite:///{tmp_path}/registry.db", None, None
     if pg:
         schema = f"sp_cluster_{uuid.uuid4().hex[:12]}"
         admin = create_engine(pg)
         with admin.begin() as conn:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
         url = make_url(pg).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(False)
-
-        def cleanup():
-            with admin.begin() as conn:
-                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-            admin.dispose()
     blobs = str(tmp_path / "blobs")
     if s3:
         import fsspec
@@ -70,8 +65,10 @@ def store(tmp_path):
             fs.mkdir(bucket)
         blobs = f"s3://{bucket}/{uuid.uuid4().hex}"
     yield url, blobs
-    if cleanup:
-        cleanup()
+    if admin is not None:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 class Cluster:

@@ -316,3 +316,33 @@ def test_a_retry_after_registering_adopts_the_version_instead_of_training_again(
     done = _worker(worker_env).run_one()
     assert done.state == "done" and done.ref == "mug@1" and done.attempts == 2
     assert [r.ref for r in reg.for_tenant("acme").list()] == ["mug@1"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_worker_process_checkpoints_and_gives_the_job_back(tmp_path, product_pngs):
+    import signal
+    import subprocess
+    import sys
+
+    url, blobs = f"sqlite:///{tmp_path}/registry.db", str(tmp_path / "blobs")
+    with Registry(url, blobs) as reg:
+        reg.create_tenant("acme")
+        q = JobQueue(reg)
+        job, _ = q.submit("acme", "mug", product_pngs, steps=200)
+        env = {**os.environ, "SUBJECTPAINT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "subjectpaint.cli", "worker", "-q", "--base", "tiny",
+                                 "--registry", url, "--blobs", blobs, "--checkpoint-every", "2", "--batch-size", "2",
+                                 "--threads", "1", "--poll", "0.1"], env=env, start_new_session=True)
+        try:
+            deadline = time.time() + 180
+            while q.get("acme", job.id).checkpoint is None:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(120) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        back = q.get("acme", job.id)
+        assert back.state == "queued" and back.attempts == 0 and back.lease_owner is None
+        assert 2 <= back.step < 200 and back.checkpoint and q.read_blob(back.checkpoint)

@@ -15,6 +15,7 @@ the typed error's message and the worker goes on; any other error is retried up 
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import socket
@@ -51,7 +52,7 @@ class _JobCallback(L.Callback):
         stopping = run.worker.stopping.is_set()
         if stopping or (run.every and step % run.every == 0 and step < run.job.steps):
             path = run.workdir / "job.ckpt"
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # optimizer state too: a resumed run continues exactly
             if not run.worker.queue.save_checkpoint(run.job.id, run.worker.owner, path.read_bytes(), step):
                 run.lost.set()
                 raise _Interrupted("lease lost")
@@ -214,6 +215,7 @@ class EmbeddedWorker:
 
     def start(self) -> "EmbeddedWorker":
         self.thread.start()
+        atexit.register(self.close)  # stop polling before the interpreter tears down (a daemon thread otherwise)
         return self
 
     def close(self, timeout: float = 30.0) -> None:

@@ -77,7 +77,7 @@ def job_router(state, tenant) -> APIRouter:
         for i, (p, raw) in enumerate(zip(photos, data)):
             state.image(raw, f"photo {i} ({p.filename})")   # decodable and within limits, before anything is stored
         digest = request_hash(name, steps, overrides, *data)
-        if key is not None and (found := state.jobs._by_key(t, key, digest)) is not None:
+        if key is not None and (found := state.jobs.by_key(t, key, digest)) is not None:
             return found.public()   # a retry: the first answer
         if state.registry.for_tenant(t).exists(name) or state.jobs.pending(t, name):
             raise VersionExists(f"subject {name!r} already exists or is being trained")
