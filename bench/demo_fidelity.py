@@ -51,6 +51,7 @@ def main():
     by = {s["variant"]: s for s in summary}
     result = {
         "bench": "demo_fidelity",
+        "quick": args.quick,
         "scenes": args.scenes,
         "steps": args.steps,
         "psnr_right": round(by["right"]["psnr"], 3),

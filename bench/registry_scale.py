@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.disable()
         try:
             for r in range(args.rounds):           # alternate, so drift hits both sides alike
-                first, second = ((small, small_names, rounds_small), (big, big_names, rounds_big))[:: 1 if r % 2 else -1]
-                for reg, names, out in (first, second):
+                sides = ((small, small_names, rounds_small), (big, big_names, rounds_big))
+                for reg, names, out in sides[:: 1 if r % 2 else -1]:
                     out.append(time_gets(reg, names, per_round, rng))
         finally:
             gc.enable()

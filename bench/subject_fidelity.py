@@ -2,7 +2,7 @@
 than the base alone with the same exemplar?
 
     OMP_WAIT_POLICY=PASSIVE python bench/subject_fidelity.py            # 5 held-out products x 20 held-out scenes
-    OMP_WAIT_POLICY=PASSIVE python bench/subject_fidelity.py --quick    # 2 products x 4 scenes, few steps
+    OMP_WAIT_POLICY=PASSIVE python bench/subject_fidelity.py --quick    # 2 products x 3 scenes, few steps
     OMP_WAIT_POLICY=PASSIVE python bench/subject_fidelity.py --validate # tuning set (never the eval scenes)
 
 For each held-out product (HELDOUT_PRODUCT_SEEDS): `Subject.train(product_photos(product, 3))` on the demo base,
@@ -183,7 +183,8 @@ def variants(subject: Subject, energy: float):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 products x 4 scenes, 40 training steps, 10 sampling steps")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 products x 3 scenes, 20 training steps, 8 sampling steps (plumbing)")
     ap.add_argument("--validate", action="store_true", help="tuning set: other products, training-split scenes")
     ap.add_argument("--products", type=int, default=None, help="default 5 held-out, or 12 with --validate")
     ap.add_argument("--scenes", type=int, default=None, help="per product: default 20 held-out, or 10 with --validate")
@@ -225,7 +226,7 @@ def main(argv=None):
     if args.scenes is None:
         args.scenes = 10 if args.validate else 20
     if args.quick:
-        args.products, args.scenes, args.steps, args.sample_steps = 2, 4, args.steps or 40, 10
+        args.products, args.scenes, args.steps, args.sample_steps = 2, 3, args.steps or 20, 8
         args.grid = ""
     demo = TrainRecipe.from_preset("demo")  # the preset Subject.train picks for the demo base
     steps, lr = args.steps or demo.steps, args.lr or demo.lr
