@@ -92,7 +92,7 @@ DUAL_VARIANTS = [  # name -> settings (the one equal to the session defaults is 
     ("dual interpolate 0.4 inversion", dict(guidance="interpolate", embedding_lambda=0.4, source="inversion")),
     ("dual interpolate 1.0 inversion", dict(guidance="interpolate", embedding_lambda=1.0, source="inversion")),
 ]
-QUICK_DUAL = ("dual attention 1.0", "dual attention 1.0 inversion")
+QUICK_DUAL = ("dual interpolate 1.0", "dual attention 1.0 inversion")
 
 
 def _value(v: str):
@@ -194,7 +194,7 @@ def main():
             if values:
                 entry[key], entry[key + "_sd"] = stats(values)
         ref = "progressive" if method.startswith("progressive") else default_dual if method.startswith("dual") else None
-        if ref is not None and ref != method:
+        if ref is not None and ref != method and len(rows[method]) > 1:  # an interval needs two scenes
             d = paired_interval([r["psnr"] for r in rows[method]], [r["psnr"] for r in rows[ref]])
             entry["dpsnr_vs_default"], entry["dpsnr_lo"], entry["dpsnr_hi"] = d
         table.append(entry)
