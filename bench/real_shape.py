@@ -202,6 +202,8 @@ def train_peer(base, args, device):
     micro = args.batch // args.accumulate
     crop = base.feature_extractor.crop_size
     size, ref = base.resolution, int(crop if isinstance(crop, (int, float)) else crop["height"])
+    times, last = [], None
+    start = reset_peak(device)  # the batch is inside the window, as ours' data loading is
     g = torch.Generator(device=device).manual_seed(0)
     target = torch.rand(micro, 3, size, size, generator=g, device=device) * 2 - 1
     mask = torch.zeros(micro, 1, size, size, device=device)
@@ -210,8 +212,6 @@ def train_peer(base, args, device):
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
     scaler = torch.amp.GradScaler(device) if args.precision == "16-mixed" else None
     dtype = unet.dtype
-    times, last = [], None
-    start = reset_peak(device)
     for step in range(args.steps + 1):
         now = clock(device)
         if last is not None:
