@@ -13,7 +13,8 @@ and cross-attention 768 (859.5M params), CLIP ViT-L/14 vision (24 layers, 1024 w
    data, Lightning, export, registry); the peer = a plain diffusers + PEFT loop (`unet.add_adapter`, AdamW, the same
    objective written out, `torch.autocast` for mixed precision) on random tensors of the same shapes. Step time:
    start-to-start of optimizer steps after `--warmup` (CPU: process CPU time, see `clock`); peak memory: the
-   training's high-water mark above the memory held just before it (CUDA: max_memory_allocated; CPU: VmHWM reset through /proc/self/clear_refs).
+   training's high-water mark above the memory held just before it (CUDA: max_memory_allocated; CPU: VmHWM reset
+   through /proc/self/clear_refs). Each subprocess first runs its side once on the tiny base (`warm_up`).
    Ratios ours / peer of the median step and of the peak, with a bootstrap 95% interval for the time.
 2. Placement (in the last "ours" subprocess): the adapter's stored bytes; `studio.inpaint(room, mask, subject)`,
    `studio.progressive().place`, `studio.dual_branch().place` (`placed` counts those that returned an image of the
@@ -201,6 +202,8 @@ def train_peer(base, args, device):
     micro = args.batch // args.accumulate
     crop = base.feature_extractor.crop_size
     size, ref = base.resolution, int(crop if isinstance(crop, (int, float)) else crop["height"])
+    times, last = [], None
+    start = reset_peak(device)  # the batch is inside the window, as ours' data loading is
     g = torch.Generator(device=device).manual_seed(0)
     target = torch.rand(micro, 3, size, size, generator=g, device=device) * 2 - 1
     mask = torch.zeros(micro, 1, size, size, device=device)
@@ -209,8 +212,6 @@ def train_peer(base, args, device):
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
     scaler = torch.amp.GradScaler(device) if args.precision == "16-mixed" else None
     dtype = unet.dtype
-    times, last = [], None
-    start = reset_peak(device)
     for step in range(args.steps + 1):
         now = clock(device)
         if last is not None:
@@ -290,6 +291,23 @@ def place_and_swap(studio, subject, device, steps: int) -> dict:
 # ------------------------------------------------------------------------------------------------ runs
 
 
+def warm_up(args, device: str) -> None:
+    """One short run of this side on the tiny base before anything is measured: the modules Lightning, PEFT and
+    torch import lazily on a first fit, and the allocator's first pools, are a one-time cost of a process, not of
+    a training run (a worker pays them once)."""
+    import argparse as _argparse
+
+    from subjectpaint.base import ExemplarInpainter
+
+    tiny = ExemplarInpainter.tiny(0).to(device=device)
+    small = _argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0, "batch": args.accumulate})
+    if args.side == "peer":
+        train_peer(tiny, small, device)
+    else:
+        with tempfile.TemporaryDirectory(prefix="real-shape-warm-") as work:
+            train_ours(tiny, small, device, work)[2].registry.close()
+
+
 def child(args) -> None:
     import torch
 
@@ -300,6 +318,7 @@ def child(args) -> None:
     from subjectpaint import Studio, Subject  # noqa: F401
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    warm_up(args, device)
     base = load_base(args.base_dir, device, args.base_dtype)
     if args.side == "peer":
         times, mem = train_peer(base, args, device)
@@ -342,6 +361,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1, help="alternations of ours and the peer")
     ap.add_argument("--place-steps", type=int, default=2, help="denoising steps of each placement")
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU present")
+    ap.add_argument("--no-place", action="store_true", help="training comparison only (placed = 0)")
     ap.add_argument("--base-dir", help=argparse.SUPPRESS)
     ap.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)
     ap.add_argument("--place", action="store_true", help=argparse.SUPPRESS)
@@ -362,7 +382,7 @@ def main(argv=None):
                 for k in ("steps", "warmup", "batch", "accumulate", "precision", "place_steps", "base_dtype"):
                     cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
                 cmd += ["--checkpointing"] * args.checkpointing + ["--cpu"] * args.cpu
-                cmd += ["--place"] * (side == "ours" and r == args.repeats - 1)
+                cmd += ["--place"] * (side == "ours" and r == args.repeats - 1 and not args.no_place)
                 proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its stderr: ours
                 if proc.returncode:
                     raise SystemExit(f"{side} run failed ({proc.returncode})")

@@ -14,6 +14,8 @@ from .errors import ERRORS, InvalidArgument
 def _load_studio(args):
     from .studio import Studio
 
+    if args.base is None:  # the demo base: its training preset composites onto the demo's rooms, registered here
+        from . import demo  # noqa: F401
     return Studio.load(args.base, device=args.device)  # None: the demo base; "tiny": a random tiny one
 
 
@@ -142,8 +144,6 @@ def cmd_train(args) -> int:
     from .subject import Subject
 
     studio = _load_studio(args)
-    if args.base is None:
-        from . import demo  # noqa: F401  (the demo base: registers its preset's procedural rooms)
     with Registry(args.registry, args.blobs) as registry:
         subject = Subject.train(args.photos, args.name, studio, args.recipe, new_version=args.new_version,
                                 registry=registry, workdir=args.workdir, progress=not args.quiet,
@@ -175,6 +175,8 @@ def cmd_place(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import ServeConfig, build_server, run
 
+    if args.base is None:  # the demo base: its training preset's rooms (see _load_studio)
+        from . import demo  # noqa: F401
     config = ServeConfig(base=args.base, registry_url=args.registry, blobs=args.blobs, max_batch_size=args.max_batch_size,
                          batch_timeout=args.batch_timeout, train_steps=args.train_steps, place_steps=args.steps,
                          worker=not args.no_worker)
