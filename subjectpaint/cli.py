@@ -14,8 +14,6 @@ from .errors import ERRORS, InvalidArgument
 def _load_studio(args):
     from .studio import Studio
 
-    if args.base is None:  # the demo base: its training preset composites onto the demo's rooms, registered here
-        from . import demo  # noqa: F401
     return Studio.load(args.base, device=args.device)  # None: the demo base; "tiny": a random tiny one
 
 
@@ -107,11 +105,13 @@ def _eval_protocol(args) -> int:
     import json
 
     from .evaluate import format_table
-    from .protocols import Encoders, run_protocol, write_demo_dataset
+    from .protocols import Encoders, run_protocol
 
     if args.data_dir is None:
         raise InvalidArgument("eval PROTOCOL needs a DATA_DIR")
     if args.make_demo:
+        from .demo.datasets import write_demo_dataset
+
         write_demo_dataset(args.protocol, args.data_dir, n=args.make_demo)
     studio = _load_studio(args)
     encoders = Encoders.load(args.clip, args.dino, args.dino_arch, lpips=args.protocol == "pie")
@@ -175,8 +175,6 @@ def cmd_place(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import ServeConfig, build_server, run
 
-    if args.base is None:  # the demo base: its training preset's rooms (see _load_studio)
-        from . import demo  # noqa: F401
     config = ServeConfig(base=args.base, registry_url=args.registry, blobs=args.blobs, max_batch_size=args.max_batch_size,
                          batch_timeout=args.batch_timeout, train_steps=args.train_steps, place_steps=args.steps,
                          worker=not args.no_worker)

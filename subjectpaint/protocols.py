@@ -47,7 +47,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm.auto import tqdm
 
 from . import evaluate as ev
-from .errors import InvalidArgument, WeightsNotFound
+from .errors import InvalidArgument
 
 PROTOCOLS = ("cocoee", "pixels", "lora", "pie")
 SESSIONS = {"cocoee": "plain", "pixels": "progressive", "lora": "plain", "pie": "dual"}
@@ -319,41 +319,3 @@ def run_protocol(protocol: str, root, studio, encoders: Encoders, *, session: st
     summary["clip_encoder"] = "clip" if encoders.clip is not None else "exemplar-encoder"
     summary["notes"] = list(encoders.notes)
     return rows, summary
-
-
-# ------------------------------------------------------------------------------------------ demo data
-
-
-def write_demo_dataset(protocol: str, root, n: int = 4, size: int = 64) -> Path:
-    """Demo scenes (held-out seeds) in `protocol`'s folder layout under `root`: the instrument for a run offline."""
-    from .demo.scenes import EVAL_SEEDS, make_scene
-    from .sessions.progressive import edit_map
-
-    root = Path(root)
-    if protocol not in PROTOCOLS:
-        raise InvalidArgument(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    scenes = [make_scene(s, size) for s in EVAL_SEEDS[:n]]
-
-    def save(img, folder, stem):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        img.save(root / folder / f"{stem}.png")
-
-    if protocol == "lora":  # objects = the scenes' products (their exemplars), backgrounds = the scenes' rooms
-        for k, sc in enumerate(scenes):
-            save(sc.exemplar, f"objects/product{k}", "photo0")
-            save(sc.room, "backgrounds", f"room{k}")
-            save(sc.mask, "backgrounds/masks", f"room{k}")
-        return root
-    for k, sc in enumerate(scenes):
-        stem = f"scene{k}"
-        save(sc.room, "source", stem)
-        if protocol == "pixels":
-            m = edit_map(sc.mask, blur=2)
-            save(PIL.Image.fromarray((m.numpy() * 255).round().astype(np.uint8), "L"), "map", stem)
-            save(sc.exemplar, "exemplar", stem)
-        else:
-            save(sc.mask, "mask", stem)
-            save(sc.exemplar, "reference", stem)
-            save(sc.silhouette, "silhouette", stem)
-        save(sc.composite, "real", stem)
-    return root

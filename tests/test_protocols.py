@@ -8,10 +8,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-import torch.nn.functional as F
 
 from subjectpaint import protocols as pr
 from subjectpaint.cli import main
+from subjectpaint.demo.datasets import write_demo_dataset
 from subjectpaint.errors import InvalidArgument
 
 
@@ -47,7 +47,7 @@ def encoders(clip_dir, dino_file):
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
-    return {p: pr.write_demo_dataset(p, root / p, n=2, size=64) for p in pr.PROTOCOLS}
+    return {p: write_demo_dataset(p, root / p, n=2, size=64) for p in pr.PROTOCOLS}
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -77,7 +77,7 @@ def test_each_protocol_runs_end_to_end_and_prints_table_and_json(protocol, datas
 def test_dataset_layout_errors_are_typed(tmp_path):
     with pytest.raises(InvalidArgument):
         pr.samples("pie", tmp_path)  # no source/
-    pr.write_demo_dataset("pie", tmp_path, n=1)
+    write_demo_dataset("pie", tmp_path, n=1)
     (tmp_path / "reference" / "scene0.png").unlink()
     with pytest.raises(InvalidArgument, match="reference"):
         pr.samples("pie", tmp_path)

@@ -7,9 +7,6 @@ Paint-by-Example denoising loss, Lightning) -> export (the interchange safetenso
 Imports only subjectpaint's leaf modules (base, masks, images, errors) from the SDK.
 """
 
-TRAINER_VERSION = "subjectpaint-trainers/0.1"
-
-
 def __getattr__(name):  # `trainers.train_subject` / `trainers.TrainRecipe` without importing Lightning up front
     if name == "train_subject":
         from .train import train_subject

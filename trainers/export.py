@@ -30,7 +30,7 @@ from adapters_store.adapter_file import (  # noqa: F401  (the format's API, re-e
 )
 from adapters_store.errors import AdapterFileError  # noqa: F401
 
-from . import TRAINER_VERSION
+TRAINER_VERSION = "subjectpaint-trainers/0.1"  # written into every adapter's metadata
 
 __all__ = [
     "AdapterFileError", "SCALE_SUFFIX", "build_metadata", "cast", "check", "compress", "dequantize",
