@@ -14,7 +14,9 @@ and cross-attention 768 (859.5M params), CLIP ViT-L/14 vision (24 layers, 1024 w
    objective written out, `torch.autocast` for mixed precision) on random tensors of the same shapes. Step time:
    start-to-start of optimizer steps after `--warmup` (CPU: process CPU time, see `clock`); peak memory: the
    training's high-water mark above the memory held just before it (CUDA: max_memory_allocated; CPU: VmHWM reset
-   through /proc/self/clear_refs). Each subprocess first runs its side once on the tiny base (`warm_up`).
+   through /proc/self/clear_refs). Each subprocess first runs its side once on the tiny base (`warm_up`). Ours' window
+   is the Lightning fit (on_train_start to on_train_end), as the peer's is its loop; `subject_train_peak_*` is the
+   whole Subject.train call (annotation and data preparation too).
    Ratios ours / peer of the median step and of the peak, with a bootstrap 95% interval for the time.
 2. Placement (in the last "ours" subprocess): the adapter's stored bytes; `studio.inpaint(room, mask, subject)`,
    `studio.progressive().place`, `studio.dual_branch().place` (`placed` counts those that returned an image of the
@@ -148,7 +150,9 @@ def clock(device: str) -> float:
 
 
 def train_ours(base, args, device, workdir):
-    """Subject.train with the paint-by-example preset; returns (step times, peak bytes, studio, subject)."""
+    """Subject.train with the paint-by-example preset; returns (step times, (fit's peak bytes, the whole call's peak
+    bytes), studio, subject). The fit's window opens at Lightning's on_train_start (after annotation and data
+    preparation) and closes at on_train_end, as the peer's loop does; the whole call's spans Subject.train."""
     import lightning as L
 
     from adapters_store import Registry
@@ -167,17 +171,24 @@ def train_ours(base, args, device, workdir):
                 times.append(now - self.last)
             self.last = now
 
+        def on_train_start(self, trainer, module):
+            self.before = peak(device)  # the call's high-water mark so far (annotation, data preparation)
+            self.fit_start = reset_peak(device)
+
         def on_train_end(self, trainer, module):
             self.on_train_batch_start(trainer, module, None, 0)
+            self.fit_peak = peak(device)
 
     studio = Studio(base, registry=Registry(f"sqlite:///{workdir}/registry.db", f"{workdir}/blobs"))
     shots = photos(base.resolution)
+    clock_cb = Clock()
     start = reset_peak(device)
     subject = Subject.train(shots, "product", studio, "paint-by-example", steps=args.steps, batch_size=args.batch,
                             accumulate=args.accumulate, precision=args.precision,
                             gradient_checkpointing=args.checkpointing, detector=None, progress=False,
-                            callbacks=[Clock()])
-    return times[args.warmup:], peak(device) - start, studio, subject
+                            callbacks=[clock_cb])
+    whole = max(clock_cb.before, clock_cb.fit_peak, peak(device)) - start
+    return times[args.warmup:], (clock_cb.fit_peak - clock_cb.fit_start, whole), studio, subject
 
 
 def train_peer(base, args, device):
@@ -325,8 +336,9 @@ def child(args) -> None:
         out = {"side": "peer", "times": times, "peak_bytes": mem}
     else:
         with tempfile.TemporaryDirectory(prefix="real-shape-") as work:
-            times, mem, studio, subject = train_ours(base, args, device, work)
-            out = {"side": "ours", "times": times, "peak_bytes": mem, "adapter_bytes": subject.record.byte_size,
+            times, (mem, whole), studio, subject = train_ours(base, args, device, work)
+            out = {"side": "ours", "times": times, "peak_bytes": mem, "call_peak_bytes": whole,
+                   "adapter_bytes": subject.record.byte_size,
                    "dtype": str(base.dtype).replace("torch.", ""), "unet_params": sum(
                        p.numel() for p in base.unet.parameters())}
             print("trained:", json.dumps(out), file=sys.stderr, flush=True)  # seen before the placements end
@@ -405,6 +417,9 @@ def main(argv=None):
         "train_time_ratio_ci95": [round(lo, 4), round(hi, 4)],
         "ours_peak_mb": round(ours_m / 2**20, 1), "peer_peak_mb": round(peer_m / 2**20, 1),
         "train_peak_mem_ratio_vs_peft": round(ours_m / max(peer_m, 1), 4),
+        "subject_train_peak_mb": round(min(r["call_peak_bytes"] for r in results["ours"]) / 2**20, 1),
+        "subject_train_peak_mem_ratio_vs_peft": round(min(r["call_peak_bytes"] for r in results["ours"])
+                                                      / max(peer_m, 1), 4),
         "adapter_bytes": last["adapter_bytes"], "placed": last.get("placed", 0), "place_s": last.get("place_s"),
         "swap_cold_ms": last.get("swap_cold_ms"), "swap_warm_ms": last.get("swap_warm_ms"),
         "minutes": round((time.time() - started) / 60, 2), "goals": GOALS,
