@@ -316,8 +316,9 @@ class Sampler:
         return keep, masked_latents.to(device=device, dtype=dtype)
 
     def encode(self, image: torch.Tensor, generator=None, sample: bool = True) -> torch.Tensor:
-        """VAE latents of images in [-1, 1], scaled by the VAE's scaling factor."""
+        """VAE latents of images in [-1, 1], scaled by the VAE's scaling factor (in the VAE's dtype and device)."""
         vae = self.base.vae
+        image = image.to(device=vae.device, dtype=vae.dtype)
         if isinstance(generator, list):
             dists = [vae.encode(image[i : i + 1]).latent_dist for i in range(image.shape[0])]
             out = torch.cat([d.sample(g) if sample else d.mode() for d, g in zip(dists, generator)])
@@ -328,7 +329,7 @@ class Sampler:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.base.vae
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
 
     @staticmethod

@@ -389,3 +389,21 @@ def test_a_bad_map_with_a_new_room_keeps_the_history(studio):
     with pytest.raises(InvalidMask):
         session.place(random_image(16, 16, 1), random_image(32, 32, 4), torch.zeros(32, 32))
     assert len(session.history) == 1
+
+
+def test_every_session_places_on_a_bf16_base():
+    # a frozen base in bf16 (as a GPU user loads it to train and place): the progressive session encoded the room in
+    # fp32 against the bf16 VAE
+    studio = Studio.load("tiny", torch_dtype=torch.bfloat16)
+    rng = np.random.default_rng(0)
+    room = PIL.Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    exemplar = PIL.Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    m = np.zeros((32, 32), np.uint8)
+    m[8:24, 8:24] = 255
+    mask = PIL.Image.fromarray(m)
+    outs = [studio.inpaint(room, mask, exemplar, seed=0, progress=False).image,
+            studio.progressive(progress=False, seed=0).place(exemplar, room, mask).image,
+            studio.dual_branch().place(exemplar, room, mask).image]
+    for image in outs:
+        assert image.size == (32, 32)
+        assert np.array_equal(np.asarray(image)[0, 0], np.asarray(room)[0, 0])  # paste-back kept the corner
