@@ -116,25 +116,22 @@ def cmd_place(args) -> int:
 
 def cmd_serve(args) -> int:
     from .serve import ServeConfig, build_server, run
+    from .serve.lifecycle import bind
 
     config = ServeConfig(base=args.base, registry_url=args.registry, blobs=args.blobs, max_batch_size=args.max_batch_size,
                          batch_timeout=args.batch_timeout, train_steps=args.train_steps, place_steps=args.steps)
-    server, _ = build_server(config)
+    sock = bind(args.host, args.port)  # a busy port: AddressInUse, one line, before anything starts
+    server, state = build_server(config)
     if args.command == "ui":
         from adapters_store import Registry
 
         with Registry(args.registry, args.blobs) as registry:
             key = registry.issue_key(args.tenant, label="subjectpaint ui")
         print(f"studio page: http://{args.host}:{args.port}/ui#key={key}  (an API key for tenant {args.tenant!r})")
-    else:
-        print(f"serving on http://{args.host}:{args.port} (API: /v1/..., page: /ui, /health, /metrics)")
-    import signal
-
-    def _stop(*_):  # SIGTERM stops like Ctrl-C: LitServe then shuts its worker processes down
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    run(server, host=args.host, port=args.port)
+    elif not args.quiet:
+        print(f"serving on http://{args.host}:{args.port} (API: /v1/..., page: /ui, /health); Ctrl-C or SIGTERM "
+              "stops it", flush=True)
+    run(server, state, host=args.host, port=args.port, sock=sock)  # returns after a clean stop (SIGTERM / SIGINT)
     return 0
 
 

@@ -1,9 +1,10 @@
-"""HTTP status of every error raised on purpose: bad requests are 4xx with a clear message, never 500."""
+"""HTTP status of every error raised on purpose: bad requests are 4xx with a clear message, never 500; a tenant over
+its limits is 429; storage faults are 503 (retryable) or 507 (full), never a client error."""
 
 from __future__ import annotations
 
-from ..errors import (AdapterCorrupt, AdapterNotFound, BaseMismatch, InvalidKey, RegistryBusy, TenantNotFound,
-                      VersionExists)
+from ..errors import (AdapterCorrupt, AdapterNotFound, BaseMismatch, InvalidKey, QuotaExceeded, RegistryBusy,
+                      StorageFull, StorageUnavailable, TenantNotFound, TrainingInterrupted, VersionExists)
 
 STATUS = [  # first match wins (order: most specific first)
     (InvalidKey, 401),
@@ -11,8 +12,12 @@ STATUS = [  # first match wins (order: most specific first)
     (TenantNotFound, 401),  # a key whose tenant vanished: the same as a bad key
     (VersionExists, 409),
     (BaseMismatch, 409),
+    (QuotaExceeded, 429),
+    (StorageFull, 507),
+    (StorageUnavailable, 503),
     (RegistryBusy, 503),
     (AdapterCorrupt, 503),
+    (TrainingInterrupted, 503),
 ]
 
 

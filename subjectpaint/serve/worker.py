@@ -41,7 +41,9 @@ class PlaceAPI(ls.LitAPI):
         from adapters_store import Registry
 
         from ..studio import Studio
+        from .lifecycle import die_with_parent
 
+        die_with_parent()  # a killed server leaves no worker behind
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         self.router = TenantRouter(Registry(self.config.registry_url, self.config.blobs))
