@@ -10,6 +10,31 @@ from adapters_store.cli import add_commands, store_options
 from .errors import ERRORS
 
 
+def _check_outputs(*paths) -> None:
+    """Refuse an output path that cannot be a file before any work is done (nothing is written then)."""
+    import os
+
+    from .errors import InvalidArgument
+
+    for path in paths:
+        if path is not None and os.path.isdir(os.path.expanduser(path)):
+            raise InvalidArgument(f"output {path!r} is a directory; give a file name such as {path.rstrip('/')}/out.png")
+
+
+def _check_checkpoint(workdir) -> None:
+    """A `--workdir` checkpoint that is not a readable checkpoint (truncated, overwritten) is refused before training:
+    delete it to start afresh."""
+    import os
+    import zipfile
+
+    from .errors import InvalidArgument
+
+    last = os.path.join(os.path.expanduser(workdir), "last.ckpt") if workdir else None
+    if last and os.path.lexists(last) and not (os.path.isfile(last) and zipfile.is_zipfile(last)):
+        raise InvalidArgument(f"checkpoint {last} is unreadable (truncated or not a checkpoint); delete it to start "
+                              "afresh, or point --workdir elsewhere")
+
+
 def _load_studio(args):
     from .studio import Studio
 
@@ -20,6 +45,7 @@ def cmd_inpaint(args) -> int:
     from .masks import PasteBack
     from .result import save_image
 
+    _check_outputs(args.output, args.grid)
     studio = _load_studio(args)
     placement = studio.inpaint(
         args.room,
@@ -75,6 +101,7 @@ def cmd_train(args) -> int:
 
     from .subject import DEFAULT_STEPS, Subject
 
+    _check_checkpoint(args.workdir)
     studio = _load_studio(args)
     with Registry(args.registry, args.blobs) as registry:
         subject = Subject.train(args.photos, args.name, studio, rank=args.rank, steps=args.steps or DEFAULT_STEPS,
@@ -97,6 +124,7 @@ def cmd_place(args) -> int:
     from .result import save_image
     from .subject import Subject
 
+    _check_outputs(args.output, args.grid)
     studio = _load_studio(args)
     with Registry(args.registry, args.blobs) as registry:
         studio.registry = registry  # the subject's adapter bytes come from the same registry
@@ -250,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ERRORS as exc:
         print(f"subjectpaint: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the machine's, not the input's: a full disk, a permission, a vanished file
+        print(f"subjectpaint: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
 
 

@@ -30,13 +30,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from subjectpaint.errors import InvalidAdapter
+
 from . import TRAINER_VERSION
 
 SCALE_SUFFIX = ".scale"
 
 
-class AdapterFileError(ValueError):
-    """An adapter file or tensor set that is not a valid interchange adapter."""
+class AdapterFileError(InvalidAdapter):
+    """An adapter file or tensor set that is not a valid interchange adapter (a `StoreError`, so the CLI and the
+    server answer it as a bad input)."""
 
 
 def _module_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:

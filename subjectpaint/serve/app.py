@@ -131,10 +131,10 @@ class ServeState:
 
     def image(self, data: bytes, what: str) -> PIL.Image.Image:
         """Decode with a size check on the header before any pixel is decoded (no decompression bombs)."""
-        from ..images import load_image
+        from ..images import load_image, open_header
 
         try:
-            probe = PIL.Image.open(io.BytesIO(data))
+            probe = open_header(io.BytesIO(data))
         except Exception:  # noqa: BLE001 - PIL raises many kinds for non-images
             raise InvalidImage(f"{what} is not an image PIL can read") from None
         if max(probe.size) > self.config.max_side:
