@@ -53,7 +53,7 @@ def served(tmp, subjects=(("acme", "mug", 1), ("globex", "vase", 3)), **config):
                    max_upload_bytes=100_000, max_side=256, max_photos=4, max_jobs=4, max_batch_size=4,
                    batch_timeout=0.05, place_steps=2, max_place_steps=8, torch_threads=1)
     server, state = build_server(ServeConfig(**{**options, **config}))
-    with wrap_litserve_start(server) as server, TestClient(server.app) as client:
+    with wrap_litserve_start(server) as server, TestClient(server.app, raise_server_exceptions=False) as client:
         for _ in range(1200):
             if client.get("/health").status_code == 200:
                 break
