@@ -274,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "quiet", False):
+        from .quiet import quiet_third_party
+
+        quiet_third_party()
     try:
         return args.func(args)
     except ERRORS as exc:

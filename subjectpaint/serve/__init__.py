@@ -19,9 +19,11 @@ def build_server(config: ServeConfig):
     """A LitServer whose app carries every route; returns (server, state)."""
     import litserve as ls
 
+    from ..quiet import quiet_third_party
     from .app import Drain, Gate, ServeState, add_routes
     from .worker import PlaceAPI
 
+    quiet_third_party()  # a server log holds requests and errors, not a progress bar per model load or job
     api = PlaceAPI(config)
     drain = Drain(config.drain_timeout)
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=config.request_timeout,
