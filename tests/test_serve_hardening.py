@@ -240,3 +240,38 @@ def test_one_tenants_burst_never_429s_another(env):
     assert answers[0] == 404 and answers[-1] == 429 and set(answers) == {404, 429}  # acme's burst is spent...
     r = client.post("/v1/place", json=place_body(env, "vase"), headers=h(env, "globex"))
     assert r.status_code == 200, r.text  # ...globex's is not
+
+
+# ------------------------------------------------------------------------------------------------ annotation
+
+
+def busy_photo(seed=0, size=96):
+    """A cup-coloured blob on a textured, many-coloured background (no plain backdrop anywhere)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+    img = np.asarray(PIL.Image.fromarray(coarse).resize((size, size), PIL.Image.BILINEAR), dtype=np.float32)
+    img += rng.normal(0, 20, img.shape)
+    img[30:70, 35:60] = (30, 60, 200)
+    return PIL.Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def test_a_busy_photo_is_refused_as_busy_not_as_uniform():
+    from trainers.annotate import NoProductFound, foreground_box
+
+    with pytest.raises(NoProductFound, match="busy.*cut-out"):
+        foreground_box(busy_photo())
+    with pytest.raises(NoProductFound, match="uniform"):
+        foreground_box(PIL.Image.new("RGB", (96, 96), (200, 200, 200)))
+
+
+def test_a_frame_sized_box_on_a_busy_photo_is_not_a_product():
+    from trainers.annotate import Annotator, NoProductFound
+
+    annotator = Annotator(None)
+    annotator.detect = lambda image: ((5, 10, 88, 78), 0.97, "airplane")  # 86 % x 71 % of the frame, as found
+    with pytest.raises(NoProductFound, match="86% x 71%.*cut-out"):
+        annotator(busy_photo())
+    annotator.detect = lambda image: ((30, 30, 60, 70), 0.97, "cup")  # a product-sized box: kept
+    assert annotator(busy_photo()).box == (30, 30, 60, 70)
