@@ -30,9 +30,10 @@ import PIL.Image
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-HOSTILE = st.one_of(st.none(), st.booleans(), st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0]), st.integers(-2**70, 2**70), st.sampled_from([2**63, 2**63 - 1, -1, 0]),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20), st.lists(st.integers(),
-                                                                                                    max_size=2))
+HOSTILE = st.one_of(st.none(), st.booleans(), st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0]),
+                    st.integers(-2**70, 2**70), st.sampled_from([2**63, 2**63 - 1, -1, 0]),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+                    st.lists(st.integers(), max_size=2))
 UNICODE = "tasse-bleue-ü☕"  # a valid name outside Latin-1
 SUBJECTS = (("acme", "mug", 1), ("acme", UNICODE, 2), ("globex", "vase", 3))
 NAMES = st.one_of(st.sampled_from(["mug", "vase", UNICODE, "../etc", "a@b", "", " ", "x" * 300]),
@@ -209,7 +210,8 @@ def check_isolation(client, ctx: dict) -> list[str]:
     out = []
     for tenant, other in (("acme", "globex"), ("globex", "acme")):
         key = {"X-API-Key": ctx["keys"][tenant]}
-        listed = {s["name"] for s in client.get("/v1/subjects", params={"limit": 1000}, headers=key).json()["subjects"]}
+        subjects = client.get("/v1/subjects", params={"limit": 1000}, headers=key).json()["subjects"]
+        listed = {s["name"] for s in subjects}
         if not listed <= ctx["names"][tenant]:
             out.append(f"{tenant} lists {sorted(listed - ctx['names'][tenant])}")
         for name in ctx["names"][other] - ctx["names"][tenant]:
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - started
         leaks = result["leaks"] + check_isolation(client, ctx)
         healthy = client.get("/health").status_code == 200
-    print({k: round(v, 1) for k, v in result["route_seconds"].most_common()}, file=sys.stderr)
+    print("seconds per route:", {k: round(v, 1) for k, v in result["route_seconds"].most_common()}, file=sys.stderr)
     for line in result["server_errors"][:20] + leaks[:20]:
         print(line, file=sys.stderr)
     out = {"bench": "fuzz_api", "date": time.strftime("%Y-%m-%d"), "requests": sum(result["statuses"].values()),

@@ -18,7 +18,8 @@ def _check_outputs(*paths) -> None:
 
     for path in paths:
         if path is not None and os.path.isdir(os.path.expanduser(path)):
-            raise InvalidArgument(f"output {path!r} is a directory; give a file name such as {path.rstrip('/')}/out.png")
+            raise InvalidArgument(f"output {path!r} is a directory; give a file name such as "
+                                  f"{path.rstrip('/')}/out.png")
 
 
 def _check_checkpoint(workdir) -> None:
@@ -147,7 +148,9 @@ def cmd_serve(args) -> int:
     from .serve.lifecycle import bind
 
     config = ServeConfig(base=args.base, registry_url=args.registry, blobs=args.blobs, max_batch_size=args.max_batch_size,
-                         batch_timeout=args.batch_timeout, train_steps=args.train_steps, place_steps=args.steps)
+                         batch_timeout=args.batch_timeout, train_steps=args.train_steps, place_steps=args.steps,
+                         max_jobs_per_tenant=args.max_jobs_per_tenant, place_rate=args.place_rate,
+                         drain_timeout=args.drain_timeout)
     sock = bind(args.host, args.port)  # a busy port: AddressInUse, one line, before anything starts
     server, state = build_server(config)
     if args.command == "ui":
@@ -259,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-timeout", type=float, default=0.05, help="seconds a batch waits to fill")
         p.add_argument("--train-steps", type=int, default=300, help="default and maximum training steps per job")
         p.add_argument("--steps", type=int, default=None, help="default denoising steps of a placement")
+        p.add_argument("--max-jobs-per-tenant", type=int, default=2, help="registration jobs a tenant may have "
+                       "queued or running (more: 429 for that tenant only)")
+        p.add_argument("--place-rate", type=float, default=10.0, help="placements per second per tenant (bursts "
+                       "of 20; more: 429 with Retry-After)")
+        p.add_argument("--drain-timeout", type=float, default=10.0, help="on SIGTERM / Ctrl-C: seconds in-flight "
+                       "placements get before they are answered 503")
         p.add_argument("--tenant", default="default", help="ui: the tenant whose key the page gets")
         store_options(p)
         _base_options(p)

@@ -4,16 +4,16 @@ outputs / corrupt checkpoints, key policy of the operators' pages, API key listi
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 from urllib.parse import quote
 
 import PIL.Image
 import pytest
+import torch
 
 pytest.importorskip("litserve")
 from sqlalchemy.exc import OperationalError  # noqa: E402
@@ -101,9 +101,8 @@ def test_storage_faults_are_503_or_507_never_422(env, monkeypatch):
 
 def test_a_full_blob_store_is_storage_full_and_writes_no_row(tmp_path, monkeypatch):
     reg = Registry(f"sqlite:///{tmp_path}/r.db", str(tmp_path / "blobs"))
-    tensors = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": PIL and
-               __import__("torch").zeros(4, 8), "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-               ".lora_B.weight": __import__("torch").zeros(8, 4)}
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    tensors = {f"{module}.lora_A.weight": torch.zeros(4, 8), f"{module}.lora_B.weight": torch.zeros(8, 4)}
 
     def full(data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -135,8 +134,8 @@ def test_decompression_bomb_through_sdk_cli_and_http(env, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "InvalidImage" in err and "10000x10000" in err, err
     assert not out.exists()
-    r = env["client"].post("/v1/place", json={**place_body(env), "room": __import__("base64").b64encode(bomb)
-                                              .decode()}, headers=h(env))
+    r = env["client"].post("/v1/place", json={**place_body(env), "room": base64.b64encode(bomb).decode()},
+                           headers=h(env))
     assert r.status_code == 422 and "10000x10000" in r.json()["detail"]
     files = [("photos", ("bomb.png", bomb, "image/png"))]
     r = env["client"].post("/v1/subjects", data={"name": "bomb", "steps": "1"}, files=files, headers=h(env))
