@@ -155,3 +155,21 @@ def test_sigterm_answers_everything_in_flight_and_frees_the_port(env):
             stop_group(again)
     finally:
         stop_group(proc)
+
+
+def test_sigkill_of_the_server_leaves_no_child_holding_the_port(env):
+    port = free_port()
+    proc = start(env, port)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", 240, proc)
+        children = subprocess.run(["ps", "-o", "pid=", "-g", str(proc.pid)], capture_output=True, text=True)
+        assert len(children.stdout.split()) >= 3  # the server, LitServe's queue manager, the inference worker
+        proc.kill()  # the main process only, as an OOM killer would
+        proc.wait()
+        killed = time.monotonic()
+        while group_alive(proc.pid) and time.monotonic() - killed < 20:
+            time.sleep(0.1)
+        assert not group_alive(proc.pid), "an orphaned worker outlived the killed server"
+        assert port_is_free(port)
+    finally:
+        stop_group(proc)
