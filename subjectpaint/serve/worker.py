@@ -56,12 +56,6 @@ class PlaceAPI(ls.LitAPI):
     def decode_request(self, request):
         return request  # validated by the app; never raises (one bad row must not fail a batch)
 
-    def batch(self, inputs):
-        return list(inputs)
-
-    def unbatch(self, output):
-        return output
-
     def encode_response(self, output):
         return output
 
