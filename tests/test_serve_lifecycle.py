@@ -1,6 +1,7 @@
 """`subjectpaint serve` as a real process: SIGTERM with 8 placements and a registration in flight answers every
-request (2xx or 503), stops the job, ends the whole process group and frees the port within a bound; a restart on
-the same port works at once; a busy port is refused in one line."""
+request (2xx or 503), checkpoints the running registration and gives it back (queued again, resumable by any
+worker), ends the whole process group and frees the port within a bound; a restart on the same port works at once
+and takes the job up again from its checkpoint; a busy port is refused in one line."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ pytest.importorskip("litserve")
 import httpx  # noqa: E402
 
 from adapters_store import Registry  # noqa: E402
+from adapters_store.jobs import JobQueue  # noqa: E402
 from subjectpaint import Studio, Subject  # noqa: E402
 from subjectpaint.base import ExemplarInpainter  # noqa: E402
 from subjectpaint.demo.scenes import EVAL_SEEDS, HELDOUT_PRODUCT_SEEDS, Product, make_scene, product_photos  # noqa: E402
@@ -140,11 +142,17 @@ def test_sigterm_answers_everything_in_flight_and_frees_the_port(env):
         assert port_is_free(port)
         err = proc.stderr.read()
         assert "Traceback" not in err and "terminate" not in err, err
+        with Registry(env["url"], env["blobs"]) as reg:  # the job is resumable: queued, with its checkpoint
+            stopped_job = JobQueue(reg).get("acme", job["id"])
+        assert stopped_job.state == "queued" and stopped_job.error is None, stopped_job
+        assert stopped_job.checkpoint is not None and stopped_job.step > 0 and stopped_job.attempts == 0, stopped_job
 
         again = start(env, port)  # at once, on the same port
         try:
             wait_healthy(base, 240, again)
             assert httpx.get(f"{base}/v1/subjects/mug", headers=acme).status_code == 200
+            resumed = httpx.get(f"{base}/v1/jobs/{job['id']}", headers=acme).json()  # taken up again, not restarted
+            assert resumed["state"] in ("queued", "running") and resumed["step"] >= stopped_job.step, resumed
             busy = subprocess.run([sys.executable, "-m", "subjectpaint.cli", "serve", "--base", "tiny", "--port",
                                    str(port)], env=env["env"], capture_output=True, text=True, timeout=120)
             assert busy.returncode == 1 and busy.stdout == ""
