@@ -301,7 +301,7 @@ def test_worker_trains_and_fails_bad_input_with_the_typed_message_then_goes_on(w
     ended = [worker.run_one() for _ in range(4)]
     assert [j.state for j in ended] == ["failed", "failed", "failed", "done"]
     assert ended[0].error.startswith("InvalidImage: photo 0: no product found")
-    assert ended[1].error == "InvalidArgument: strength must be in (0, 2], got 5.0"
+    assert ended[1].error == "InvalidArgument: strength must be a number in (0, 2], got 5.0"
     assert ended[2].error.startswith("InvalidArgument:") and "colour" in ended[2].error
     assert ended[3].ref == "mug@1" and ended[3].step == 3 and ended[3].attempts == 1
     assert worker.run_one() is None
