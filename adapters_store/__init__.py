@@ -5,7 +5,8 @@ Knows nothing about diffusion: names, versions, bytes, hashes and metadata.
 from .blobs import BlobStore
 from .cache import AdapterCache, CacheStats
 from .errors import (AdapterCorrupt, AdapterNotFound, InvalidAdapter, InvalidKey, InvalidName,
-                     RegistryBusy, StoreError, TenantNotFound, VersionExists)
+                     RegistryBusy, StorageFull, StorageUnavailable, StoreError, TenantNotFound,
+                     VersionExists)
 from .naming import parse_ref, validate_name
 from .registry import AdapterRecord, GcReport, Registry
 from .tenants import DEFAULT_TENANT
@@ -13,5 +14,5 @@ from .tenants import DEFAULT_TENANT
 __all__ = [
     "AdapterCache", "AdapterCorrupt", "AdapterNotFound", "AdapterRecord", "BlobStore", "CacheStats",
     "DEFAULT_TENANT", "GcReport", "InvalidAdapter", "InvalidKey", "InvalidName", "Registry",
-    "RegistryBusy", "StoreError", "TenantNotFound", "VersionExists", "parse_ref", "validate_name",
+    "RegistryBusy", "StorageFull", "StorageUnavailable", "StoreError", "TenantNotFound", "VersionExists", "parse_ref", "validate_name",
 ]

@@ -11,8 +11,11 @@ import json
 import sys
 from typing import Callable
 
-from .errors import StoreError
+import os
+
+from .errors import InvalidAdapter, InvalidKey, StoreError
 from .registry import Registry
+from .tenants import PREFIX_LENGTH
 
 
 def store_options(parser: argparse.ArgumentParser) -> None:
@@ -22,13 +25,19 @@ def store_options(parser: argparse.ArgumentParser) -> None:
                         help="blob directory or fsspec URL (default: env or ~/.subjectpaint/blobs)")
 
 
+def tenant_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", dest="tenant_view", default=None, metavar="NAME",
+                        help="the tenant whose subjects these are (default: the 'default' tenant)")
+
+
 def _handler(run: Callable[[Registry, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def func(args: argparse.Namespace) -> int:
         try:
             with Registry(args.registry, args.blobs) as registry:
-                return run(registry, args)
+                tenant = getattr(args, "tenant_view", None)
+                return run(registry.for_tenant(tenant) if tenant else registry, args)
         except StoreError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
     return func
 
@@ -67,6 +76,9 @@ def _gc(registry: Registry, args: argparse.Namespace) -> int:
 
 
 def _export(registry: Registry, args: argparse.Namespace) -> int:
+    if os.path.isdir(args.path):
+        raise InvalidAdapter(f"output {args.path!r} is a directory; give a file name such as "
+                             f"{os.path.join(args.path, args.ref.replace('@', '-') + '.safetensors')}")
     record = registry.export(args.ref, args.path)
     print(f"exported {record.ref} to {args.path}")
     return 0
@@ -83,7 +95,20 @@ def _tenants(registry: Registry, args: argparse.Namespace) -> int:
         registry.create_tenant(args.name)
         print(f"tenant {args.name!r} ready")
     elif args.action == "key":
-        print(registry.issue_key(args.name, label=args.label))  # shown once, stored hashed
+        key = registry.issue_key(args.name, label=args.label)
+        info = next(k for k in registry.keys(args.name) if k.prefix == key[:PREFIX_LENGTH])
+        print(key)  # shown once, stored hashed; stdout holds only the key, for scripts
+        print(f"key id {info.id} (prefix {info.prefix}) for tenant {args.name!r}: keep it now, it is not shown "
+              "again", file=sys.stderr)
+    elif args.action == "keys":
+        for k in registry.keys(args.name):
+            used = f"{k.last_used:%Y-%m-%d %H:%M}" if k.last_used else "never"
+            print(f"{k.id:>6}  {k.prefix or '(no prefix)':<12}  created {k.created:%Y-%m-%d %H:%M}  last used {used}"
+                  + (f"  {k.label}" if k.label else ""))
+    elif args.action == "revoke":
+        if not args.name.isdigit() or not registry.revoke_key_id(int(args.name)):
+            raise InvalidKey(f"no API key with id {args.name!r} (see `tenants keys NAME`)")
+        print(f"revoked key {args.name}")
     else:
         print("\n".join(registry.tenants()))
     return 0
@@ -99,11 +124,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--after", default=None, metavar="NAME@V", help="page after this entry")
     p.add_argument("--latest", action="store_true", help="only the latest version of each name")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    tenant_option(p)
     store_options(p)
     p.set_defaults(func=_handler(_list))
 
     p = subparsers.add_parser("rm", help="remove an adapter (NAME: all versions, NAME@V: one)")
     p.add_argument("ref", metavar="NAME[@V]")
+    tenant_option(p)
     store_options(p)
     p.set_defaults(func=_handler(_rm))
 
@@ -116,18 +143,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="write an adapter as one safetensors file")
     p.add_argument("ref", metavar="NAME[@V]")
     p.add_argument("path")
+    tenant_option(p)
     store_options(p)
     p.set_defaults(func=_handler(_export))
 
     p = subparsers.add_parser("import", help="register a safetensors adapter file")
     p.add_argument("path")
     p.add_argument("--name", default=None, help="subject name (default: the file's metadata)")
+    tenant_option(p)
     store_options(p)
     p.set_defaults(func=_handler(_import))
 
-    p = subparsers.add_parser("tenants", help="tenants and API keys: list | add NAME | key NAME (prints a new key once)")
-    p.add_argument("action", choices=("list", "add", "key"))
-    p.add_argument("name", nargs="?", default="default")
+    p = subparsers.add_parser("tenants", help="tenants and API keys: list | add NAME | key NAME (prints a new key "
+                              "once) | keys NAME (ids, prefixes, created, last used) | revoke KEY_ID")
+    p.add_argument("action", choices=("list", "add", "key", "keys", "revoke"))
+    p.add_argument("name", nargs="?", default="default", help="tenant name (revoke: the key id)")
     p.add_argument("--label", default=None)
     store_options(p)
     p.set_defaults(func=_handler(_tenants))

@@ -53,3 +53,11 @@ class TenantNotFound(StoreError, LookupError):
 
 class InvalidKey(StoreError, PermissionError):
     """An API key that is missing, malformed, unknown or revoked. Says nothing about which."""
+
+
+class StorageUnavailable(StoreError):
+    """The database or blob store cannot be written or read right now (read-only, I/O error, gone): retryable."""
+
+
+class StorageFull(StorageUnavailable):
+    """The database or blob store has no space left."""

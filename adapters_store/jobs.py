@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -134,12 +134,15 @@ class JobQueue:
     # -- submit / read / cancel (any process, tenant-scoped) -------------------------------
     def submit(self, tenant: str, name: str, photos: Sequence[bytes], steps: int,
                recipe: Mapping[str, Any] | None = None, *, idempotency_key: str | None = None,
-               request_hash: str | None = None, max_active: int | None = None) -> tuple[JobRecord, bool]:
+               request_hash: str | None = None, max_active: int | None = None,
+               admit: Callable[[dict[str, int], int], None] | None = None) -> tuple[JobRecord, bool]:
         """Queue a job; returns ``(job, created)``. With ``idempotency_key``, a job already submitted under
         that key (by this tenant) is returned instead, ``created=False``, if its ``request_hash`` matches
         (``IdempotencyMismatch`` if not). ``max_active``: refuse (``QueueFull``) when that many jobs of all
-        tenants are queued or running. Photos are stored as blobs before the row (a crash leaves at most
-        unreferenced blobs, for ``gc``)."""
+        tenants are queued or running. ``admit(tenant_counts, total_active)``: the caller's admission policy,
+        called in the inserting transaction with this tenant's ``{"queued": n, "running": n}`` and the queued
+        + running jobs of all tenants; it refuses by raising. Photos are stored as blobs before the row (a
+        crash or a refusal leaves at most unreferenced blobs, for ``gc``)."""
         validate_name(name)
         if not isinstance(steps, int) or steps < 1:
             raise InvalidAdapter(f"steps must be a positive int, got {steps!r}")
@@ -163,6 +166,11 @@ class JobQueue:
                 if active >= max_active:
                     raise QueueFull(f"{active} training jobs are queued or running (limit {max_active}); "
                                     "retry later")
+            if admit is not None:
+                mine = dict(session.execute(select(Job.state, func.count()).where(
+                    Job.tenant_id == tenant_pk, Job.state.in_(ACTIVE)).group_by(Job.state)).all())
+                total = session.scalar(select(func.count()).select_from(Job).where(Job.state.in_(ACTIVE)))
+                admit({s: int(mine.get(s, 0)) for s in ACTIVE}, int(total))
             now = utcnow()
             row = Job(id=uuid.uuid4().hex, tenant_id=tenant_pk, name=name, state="queued", step=0, steps=steps,
                       attempts=0, max_attempts=self.max_attempts, photos=shas, recipe=recipe,

@@ -35,6 +35,9 @@ def validate_name(name: object) -> str:
     return name
 
 
+MAX_VERSION = 2**63 - 1  # versions are signed 64-bit integers in every database
+
+
 def parse_ref(ref: object) -> tuple[str, int | None]:
     """Split ``"name"`` / ``"name@3"`` / ``"name@latest"`` into ``(name, version or None)``."""
     if not isinstance(ref, str):
@@ -43,6 +46,6 @@ def parse_ref(ref: object) -> tuple[str, int | None]:
     validate_name(name)
     if not sep or version == "latest":
         return name, None
-    if not version.isascii() or not version.isdigit() or int(version) < 1:
-        raise InvalidName(f"bad version in {ref!r}: expected name@N with N >= 1, or name@latest")
+    if not version.isascii() or not version.isdigit() or len(version) > 19 or not 1 <= int(version) <= MAX_VERSION:
+        raise InvalidName(f"bad version in {ref!r}: expected name@N with 1 <= N <= {MAX_VERSION}, or name@latest")
     return name, int(version)

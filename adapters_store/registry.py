@@ -8,6 +8,7 @@ verifies the sha256. This class is the only place that opens SQLAlchemy sessions
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -25,7 +26,7 @@ from .blobs import BlobStore, sha256_hex
 from .cache import AdapterCache
 from .database import WRITE, make_engine, normalize_url, upgrade
 from .errors import (AdapterCorrupt, AdapterNotFound, InvalidAdapter, InvalidName, RegistryBusy,
-                     StoreError, VersionExists)
+                     StorageFull, StorageUnavailable, StoreError, VersionExists)
 from .jobs import active_job_blobs
 from .naming import parse_ref, validate_name
 from .record import AdapterRecord, GcReport, record_from_row
@@ -78,6 +79,19 @@ def _json_dict(value: Any, what: str) -> dict[str, Any]:
 
 class _Conflict(Exception):
     """Raised inside a transaction when a concurrent writer changed what it read: retry it."""
+
+
+def storage_error(exc: Exception) -> StoreError:
+    """The typed error of a database or blob-store fault that retrying now will not fix: a full disk is
+    `StorageFull`, a read-only / failing / missing store `StorageUnavailable`; a constraint violation stays a
+    plain `StoreError`."""
+    if isinstance(exc, IntegrityError):
+        return StoreError(f"database error: {exc.orig}")
+    if isinstance(exc, OSError):
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return (StorageFull if full else StorageUnavailable)(f"blob store: {exc.strerror or exc}")
+    text = str(getattr(exc, "orig", exc))
+    return (StorageFull if "full" in text.lower() else StorageUnavailable)(f"database: {text}")
 
 
 def _retryable(exc: Exception) -> bool:
@@ -140,7 +154,7 @@ class Registry(TenantAdmin):
                     return fn(session)
             except (OperationalError, IntegrityError, _Conflict) as exc:
                 if not isinstance(exc, _Conflict) and not _retryable(exc):
-                    raise StoreError(f"database error: {exc.orig}") from exc
+                    raise storage_error(exc) from exc
                 if attempt == self.max_retries - 1:
                     kind = VersionExists if isinstance(exc, IntegrityError) else RegistryBusy
                     raise kind(f"gave up after {self.max_retries} attempts: "
@@ -183,7 +197,10 @@ class Registry(TenantAdmin):
                                else str(described[key]))
         data = adapter_file.encode(tensors, header)
 
-        sha = self.blobs.put(data)                       # 1. blob (atomic, deduplicated)
+        try:
+            sha = self.blobs.put(data)                   # 1. blob (atomic, deduplicated)
+        except OSError as exc:
+            raise storage_error(exc) from exc
 
         def insert(session: Session) -> AdapterRecord:   # 2. row, one transaction
             tenant_id = self._tenant_id(session)

@@ -53,6 +53,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))
     label: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     created: Mapped[datetime] = mapped_column(default=utcnow)
+    prefix: Mapped[str | None] = mapped_column(String(16))  # the key's first characters, public (None: pre-0005)
+    last_used: Mapped[datetime | None] = mapped_column()  # stamped at most once a minute
 
 
 class Subject(Base):

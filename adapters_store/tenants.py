@@ -4,7 +4,9 @@ subjects. Another tenant's names look exactly like names that do not exist (``Ad
 
 API keys are ``sp_`` + 43 url-safe characters (256 random bits). Only their sha256 is stored: for a
 random token of that size a plain hash is as strong as a slow KDF and allows an indexed lookup.
-The raw key is returned once, by :meth:`TenantAdmin.issue_key`.
+The raw key is returned once, by :meth:`TenantAdmin.issue_key`; what identifies it afterwards is its id and
+its public prefix (``sp_`` + 8 characters, 48 of the 256 bits): :meth:`TenantAdmin.keys` lists them,
+:meth:`TenantAdmin.revoke_key_id` revokes by id.
 """
 from __future__ import annotations
 
@@ -12,16 +14,31 @@ import copy
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
-from .errors import InvalidKey, TenantNotFound
+from .errors import InvalidKey, StoreError, TenantNotFound
 from .naming import validate_name
-from .schema import ApiKey, Tenant
+from .schema import ApiKey, Tenant, utcnow
 
 DEFAULT_TENANT = "default"
 KEY_PREFIX = "sp_"
 KEY_LENGTH = len(KEY_PREFIX) + 43
+PREFIX_LENGTH = len(KEY_PREFIX) + 8
+LAST_USED_EVERY = timedelta(minutes=1)  # last_used is stamped at most this often (a write per request is too many)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What is known about an API key besides its hash: never enough to use it."""
+    id: int
+    tenant: str
+    prefix: str | None  # None: issued before key prefixes were kept
+    label: str | None
+    created: datetime
+    last_used: datetime | None
 
 
 def hash_key(key: str) -> str:
@@ -93,20 +110,49 @@ class TenantAdmin:
             pk = session.scalar(select(Tenant.id).where(Tenant.name == tenant))
             if pk is None:
                 raise TenantNotFound(f"tenant {tenant!r} does not exist")
-            session.add(ApiKey(tenant_id=pk, key_hash=hash_key(key), label=label))
+            session.add(ApiKey(tenant_id=pk, key_hash=hash_key(key), label=label, prefix=key[:PREFIX_LENGTH]))
 
         self._write(add)
         return key
+
+    def keys(self, tenant: str) -> list[KeyInfo]:
+        """Every API key of ``tenant``, oldest first: id, prefix, label, created, last used (no secret)."""
+        with self._read() as session:
+            pk = session.scalar(select(Tenant.id).where(Tenant.name == tenant))
+            if pk is None:
+                raise TenantNotFound(f"tenant {tenant!r} does not exist")
+            rows = session.scalars(select(ApiKey).where(ApiKey.tenant_id == pk).order_by(ApiKey.id)).all()
+            return [KeyInfo(r.id, tenant, r.prefix, r.label, r.created, r.last_used) for r in rows]
+
+    def revoke_key_id(self, key_id: int) -> bool:
+        """Revoke the key with this id (from :meth:`keys`). True if there was one."""
+        if not isinstance(key_id, int) or isinstance(key_id, bool) or not 0 < key_id < 2**63:
+            return False
+        return bool(self._write(lambda s: s.execute(
+            delete(ApiKey).where(ApiKey.id == key_id).execution_options(synchronize_session=False)).rowcount))
 
     def tenant_for_key(self, key: object) -> str:
         """The tenant an API key belongs to; InvalidKey (one message for every failure) otherwise."""
         digest = hash_key(_check_key_shape(key))
         with self._read() as session:
-            row = session.execute(select(ApiKey.key_hash, Tenant.name).join(Tenant)
+            row = session.execute(select(ApiKey.key_hash, Tenant.name, ApiKey.id, ApiKey.last_used).join(Tenant)
                                   .where(ApiKey.key_hash == digest)).first()
         if row is None or not hmac.compare_digest(row[0], digest):
             raise InvalidKey("invalid API key")
+        self._stamp(row[2], row[3])
         return row[1]
+
+    def _stamp(self, key_id: int, last_used: datetime | None) -> None:
+        now = utcnow()
+        if last_used is not None and last_used.tzinfo is None:  # SQLite hands back naive UTC
+            last_used = last_used.replace(tzinfo=timezone.utc)
+        if last_used is not None and now - last_used < LAST_USED_EVERY:
+            return
+        try:
+            self._write(lambda s: s.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used=now)
+                                            .execution_options(synchronize_session=False)))
+        except StoreError:  # a read-only or busy database must not refuse a valid key; the stamp waits
+            pass
 
     def revoke_key(self, key: str) -> bool:
         digest = hash_key(_check_key_shape(key))

@@ -11,6 +11,28 @@ from .choices import DEFAULT_SCHEDULE, DEFAULT_SCHEDULER, SCHEDULERS, SCHEDULES
 from .errors import ERRORS, InvalidArgument
 
 
+def _check_outputs(*paths) -> None:
+    """Refuse an output path that cannot be a file before any work is done (nothing is written then)."""
+    import os
+
+    for path in paths:
+        if path is not None and os.path.isdir(os.path.expanduser(path)):
+            raise InvalidArgument(f"output {path!r} is a directory; give a file name such as "
+                                  f"{path.rstrip('/')}/out.png")
+
+
+def _check_checkpoint(workdir) -> None:
+    """A `--workdir` checkpoint that is not a readable checkpoint (truncated, overwritten) is refused before training:
+    delete it to start afresh."""
+    import os
+    import zipfile
+
+    last = os.path.join(os.path.expanduser(workdir), "last.ckpt") if workdir else None
+    if last and os.path.lexists(last) and not (os.path.isfile(last) and zipfile.is_zipfile(last)):
+        raise InvalidArgument(f"checkpoint {last} is unreadable (truncated or not a checkpoint); delete it to start "
+                              "afresh, or point --workdir elsewhere")
+
+
 def _load_studio(args):
     from .studio import Studio
 
@@ -32,6 +54,7 @@ def _write(placement, args) -> int:
 def cmd_inpaint(args) -> int:
     from .masks import PasteBack
 
+    _check_outputs(args.output, args.grid)
     studio = _load_studio(args)
     placement = studio.inpaint(
         args.room,
@@ -143,6 +166,7 @@ def cmd_train(args) -> int:
 
     from .subject import Subject
 
+    _check_checkpoint(args.workdir)
     studio = _load_studio(args)
     with Registry(args.registry, args.blobs) as registry:
         subject = Subject.train(args.photos, args.name, studio, args.recipe, new_version=args.new_version,
@@ -160,6 +184,7 @@ def cmd_place(args) -> int:
 
     from .subject import Subject
 
+    _check_outputs(args.output, args.grid)
     studio = _load_studio(args)
     with Registry(args.registry, args.blobs) as registry:
         studio.registry = registry  # the subject's adapter bytes come from the same registry
@@ -174,10 +199,13 @@ def cmd_place(args) -> int:
 
 def cmd_serve(args) -> int:
     from .serve import ServeConfig, build_server, run
+    from .serve.lifecycle import bind
 
     config = ServeConfig(base=args.base, registry_url=args.registry, blobs=args.blobs, max_batch_size=args.max_batch_size,
                          batch_timeout=args.batch_timeout, train_steps=args.train_steps, place_steps=args.steps,
-                         worker=not args.no_worker)
+                         max_jobs_per_tenant=args.max_jobs_per_tenant, place_rate=args.place_rate,
+                         drain_timeout=args.drain_timeout, worker=not args.no_worker)
+    sock = bind(args.host, args.port)  # a busy port: AddressInUse, one line, before anything starts
     server, state = build_server(config)
     if args.command == "ui":
         from adapters_store import Registry
@@ -185,19 +213,10 @@ def cmd_serve(args) -> int:
         with Registry(args.registry, args.blobs) as registry:
             key = registry.issue_key(args.tenant, label="subjectpaint ui")
         print(f"studio page: http://{args.host}:{args.port}/ui#key={key}  (an API key for tenant {args.tenant!r})")
-    else:
-        print(f"serving on http://{args.host}:{args.port} (API: /v1/..., page: /ui, /health, /metrics)")
-    import signal
-
-    def _stop(*_):  # SIGTERM stops like Ctrl-C: LitServe then shuts its worker processes down
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        run(server, host=args.host, port=args.port)
-    finally:
-        if state.worker is not None:  # the embedded worker checkpoints its job and gives it back
-            state.worker.close()
+    elif not args.quiet:
+        print(f"serving on http://{args.host}:{args.port} (API: /v1/..., page: /ui, /health); Ctrl-C or SIGTERM "
+              "stops it", flush=True)
+    run(server, state, host=args.host, port=args.port, sock=sock)  # returns after a clean stop (SIGTERM / SIGINT)
     return 0
 
 
@@ -336,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-timeout", type=float, default=0.05, help="seconds a batch waits to fill")
         p.add_argument("--train-steps", type=int, default=300, help="default and maximum training steps per job")
         p.add_argument("--steps", type=int, default=None, help="default denoising steps of a placement")
+        p.add_argument("--max-jobs-per-tenant", type=int, default=2, help="registration jobs a tenant may have "
+                       "queued or running (more: 429 for that tenant only)")
+        p.add_argument("--place-rate", type=float, default=10.0, help="placements per second per tenant (bursts "
+                       "of 20; more: 429 with Retry-After)")
+        p.add_argument("--drain-timeout", type=float, default=10.0, help="on SIGTERM / Ctrl-C: seconds in-flight "
+                       "placements get before they are answered 503")
         p.add_argument("--tenant", default="default", help="ui: the tenant whose key the page gets")
         p.add_argument("--no-worker", action="store_true",
                        help="do not train in this process: registration jobs wait for `subjectpaint worker` processes")
@@ -367,10 +392,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "quiet", False):
+        from .quiet import quiet_third_party
+
+        quiet_third_party()
     try:
         return args.func(args)
     except ERRORS as exc:
         print(f"subjectpaint: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the machine's, not the input's: a full disk, a permission, a vanished file
+        print(f"subjectpaint: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
 
 

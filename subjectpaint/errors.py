@@ -31,6 +31,19 @@ class BaseMismatch(SubjectPaintError):
     """An adapter trained for another base model."""
 
 
+class QuotaExceeded(SubjectPaintError):
+    """A tenant is over one of its limits (training jobs queued or running, placements per second): retry later.
+    `retry_after`: seconds a client should wait (None: unknown)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AddressInUse(SubjectPaintError, OSError):
+    """`subjectpaint serve` cannot listen on the host and port it was given."""
+
+
 # The registry's errors (adapters_store knows nothing of diffusion, so they derive from its own StoreError),
 # one import away for users. Catch `(SubjectPaintError, StoreError)` to catch everything raised on purpose.
 from adapters_store.errors import (  # noqa: E402,F401
@@ -41,6 +54,8 @@ from adapters_store.errors import (  # noqa: E402,F401
     InvalidKey,
     InvalidName,
     RegistryBusy,
+    StorageFull,
+    StorageUnavailable,
     StoreError,
     TenantNotFound,
     VersionExists,

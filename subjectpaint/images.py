@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -22,13 +23,31 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from .errors import InvalidImage, InvalidMask
+from .errors import InvalidArgument, InvalidImage, InvalidMask
 
 ImageInput = Union[PIL.Image.Image, str, os.PathLike, np.ndarray, torch.Tensor, bytes]
 
 MASK_THRESHOLD = 0.5
 ASPECT_TOLERANCE = 0.01
-MAX_PIXELS = 64_000_000
+MAX_PIXELS = 64_000_000  # images over this many pixels are refused from their header, before any pixel is decoded
+
+
+def set_max_pixels(pixels: int) -> None:
+    """Change the pixel limit of every image we read (`$SUBJECTPAINT_MAX_PIXELS` sets it at import). PIL's own
+    decompression-bomb limit is raised with it when it is lower, so PIL does not refuse what we allow."""
+    global MAX_PIXELS
+    if not isinstance(pixels, int) or isinstance(pixels, bool) or pixels < 1:
+        raise InvalidArgument(f"max pixels must be a positive int, got {pixels!r}")
+    MAX_PIXELS = pixels
+    if PIL.Image.MAX_IMAGE_PIXELS is not None and PIL.Image.MAX_IMAGE_PIXELS < pixels:
+        PIL.Image.MAX_IMAGE_PIXELS = pixels
+
+
+if os.environ.get("SUBJECTPAINT_MAX_PIXELS"):
+    try:
+        set_max_pixels(int(os.environ["SUBJECTPAINT_MAX_PIXELS"]))
+    except ValueError:
+        raise InvalidArgument("$SUBJECTPAINT_MAX_PIXELS must be a positive int") from None
 
 
 def load_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
@@ -130,6 +149,14 @@ def _to_pil(obj, what: str, error: type[Exception]) -> PIL.Image.Image:
     return pil
 
 
+def open_header(stream) -> PIL.Image.Image:
+    """`PIL.Image.open` (reads the header only) without PIL's DecompressionBombWarning: PIL's limit is kept at or
+    above `MAX_PIXELS` (see `set_max_pixels`), and every caller refuses an image over `MAX_PIXELS` itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+        return PIL.Image.open(stream)
+
+
 def _open(source, what: str, error: type[Exception]) -> PIL.Image.Image:
     if isinstance(source, bytes):
         stream, label = io.BytesIO(source), f"{what} (bytes)"
@@ -139,12 +166,19 @@ def _open(source, what: str, error: type[Exception]) -> PIL.Image.Image:
             raise error(f"{what} file not found: {path}")
         stream, label = path, f"{what} file {path}"
     try:
-        with PIL.Image.open(stream) as opened:
+        with open_header(stream) as opened:
+            if opened.width * opened.height > MAX_PIXELS:  # from the header: a decompression bomb is never decoded
+                raise error(f"{label} is {opened.width}x{opened.height}, over the {MAX_PIXELS:,} pixel limit "
+                            "(a decompression bomb?)")
             opened.load()
             pil = PIL.ImageOps.exif_transpose(opened)
             if pil is opened:
                 pil = opened.copy()
+    except PIL.Image.DecompressionBombError as exc:
+        raise error(f"{label} is refused as a decompression bomb ({exc})") from None
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, error):
+            raise
         raise error(f"{label} is not a readable image ({exc})") from None
     return pil
 

@@ -213,6 +213,33 @@ def test_queue_full(reg):
         q.submit("globex", "b", [b"x"], steps=1, max_active=1)
 
 
+def test_submit_admission_sees_the_tenants_own_jobs_and_a_refusal_adds_none(reg):
+    from subjectpaint.errors import QuotaExceeded
+    from subjectpaint.serve import ServeConfig
+
+    q, seen = JobQueue(reg), []
+    config = ServeConfig(max_jobs=3, max_jobs_per_tenant=2)
+
+    def admit(tenant):
+        def check(mine, total):
+            seen.append((tenant, dict(mine), total))
+            config.check_job_quota(tenant, mine, total)
+        return check
+
+    first, _ = q.submit("acme", "a", [b"x"], steps=1, admit=admit("acme"))
+    assert q.claim("w", 30).id == first.id   # running
+    q.submit("acme", "b", [b"x"], steps=1, admit=admit("acme"))
+    with pytest.raises(QuotaExceeded, match="acme"):   # acme at its own limit (1 running + 1 queued)...
+        q.submit("acme", "c", [b"x"], steps=1, admit=admit("acme"))
+    q.submit("globex", "d", [b"x"], steps=1, admit=admit("globex"))   # ...globex is not
+    with pytest.raises(QuotaExceeded, match="capacity"):   # the server is full: 3 active of 3
+        q.submit("globex", "e", [b"x"], steps=1, admit=admit("globex"))
+    assert seen == [("acme", {"queued": 0, "running": 0}, 0), ("acme", {"queued": 0, "running": 1}, 1),
+                    ("acme", {"queued": 1, "running": 1}, 2), ("globex", {"queued": 0, "running": 0}, 2),
+                    ("globex", {"queued": 1, "running": 0}, 3)]
+    assert q.counts()["queued"] + q.counts()["running"] == 3 and not q.pending("acme", "c")
+
+
 def test_replies_first_answer_wins(reg):
     replies = Replies(reg)
     assert replies.get("acme", "k", "h") is None
@@ -274,7 +301,7 @@ def test_worker_trains_and_fails_bad_input_with_the_typed_message_then_goes_on(w
     ended = [worker.run_one() for _ in range(4)]
     assert [j.state for j in ended] == ["failed", "failed", "failed", "done"]
     assert ended[0].error.startswith("InvalidImage: photo 0: no product found")
-    assert ended[1].error == "InvalidArgument: strength must be in (0, 2], got 5.0"
+    assert ended[1].error == "InvalidArgument: strength must be a number in (0, 2], got 5.0"
     assert ended[2].error.startswith("InvalidArgument:") and "colour" in ended[2].error
     assert ended[3].ref == "mug@1" and ended[3].step == 3 and ended[3].attempts == 1
     assert worker.run_one() is None

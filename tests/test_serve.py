@@ -45,7 +45,7 @@ def env(tmp_path_factory):
     url, blobs = f"sqlite:///{tmp}/registry.db", str(tmp / "blobs")
     reg = Registry(url, blobs)
     keys = {}
-    for tenant in ("acme", "globex"):
+    for tenant in ("acme", "globex", "admin"):
         reg.create_tenant(tenant)
         keys[tenant] = reg.issue_key(tenant)
     base = ExemplarInpainter.tiny(0)
@@ -216,7 +216,7 @@ def test_bad_requests_are_4xx_and_the_server_keeps_serving(env):
 def test_metrics_report_latency_swaps_and_queue(env):
     client = env["client"]
     client.post("/v1/place", json=place_body(env), headers=h(env))
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=h(env, "admin")).text  # the operators' tenant
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
               if line and not line.startswith("#")}
     assert values["subjectpaint_place_latency_seconds_count"] >= 1

@@ -38,7 +38,7 @@ def test_fresh_database_is_at_head_without_backup(tmp_path):
                                                              "alembic_version"}
         with reg.engine.connect() as conn:   # models and migrations describe the same schema
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-    assert revision_of(tmp_path / "r.db") == head_revision() == "0004"
+    assert revision_of(tmp_path / "r.db") == head_revision() == "0005"
     assert backups(tmp_path) == []
     Registry(f"sqlite:///{tmp_path}/r.db", tmp_path / "b").close()   # reopening: nothing to do
     assert backups(tmp_path) == []

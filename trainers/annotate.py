@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 DETR_DEFAULT = "facebook/detr-resnet-50"
+BUSY_NOISE = 12.0  # backdrop residual (RGB distance, median of the border) above which the backdrop is not plain
+MAX_SCENE_BOX = 0.5  # on a photo without a plain backdrop, a box over this fraction of the frame is a scene
+ADVICE = "use a cut-out (a PNG with a transparent background) or a photo of the product on a plain backdrop"
 
 
 class NoProductFound(ValueError):
@@ -121,6 +124,9 @@ def foreground_box(image: PIL.Image.Image, min_area: float = 0.002, max_area: fl
         raise NoProductFound(f"photo is too small ({w}x{h})")
     width = max(1, round(0.02 * min(h, w)))
     resid, noise, plane = _plane_residual(img, width)
+    if noise > BUSY_NOISE:
+        raise NoProductFound(f"the photo's backdrop is busy (its border varies by ~{noise:.0f} levels), so the "
+                             f"product cannot be separated from it; {ADVICE}")
     above = resid > max(8.0 * noise, 12.0)
     strong = _dilate(_erode(above, 1), 1) if min(h, w) >= 24 else above  # opening: no isolated noise pixels
     if strong.sum() < max(4, min_area * h * w):
@@ -264,5 +270,9 @@ class Annotator:
             if fg[y0:y1, x0:x1].mean() < 0.2:
                 fg[y0:y1, x0:x1] = 1.0
                 backdrop = None
+            bw, bh = (x1 - x0) / image.width, (y1 - y0) / image.height
+            if backdrop is None and bw * bh > MAX_SCENE_BOX:
+                raise NoProductFound(f"the {label} found covers {bw:.0%} x {bh:.0%} of a busy photo: a scene, not a "
+                                     f"product that can be separated from its background; {ADVICE}")
             return Annotation(box, fg, "detr", score, label, backdrop=backdrop)
         return foreground_box(image)

@@ -1,4 +1,5 @@
-"""Registration routes: `POST /v1/subjects` queues a job in the registry database (any worker process trains it),
+"""Registration routes: `POST /v1/subjects` queues a job in the registry database (any worker process trains it;
+admission is `ServeConfig.check_job_quota`: a tenant at its own limit, or the server at its capacity, gets 429),
 `GET /v1/jobs/{id}` answers from the database (so any serve process answers for any job), `DELETE /v1/jobs/{id}`
 cancels a queued or running job. Another tenant's job is 404, like one that does not exist.
 
@@ -53,11 +54,11 @@ def request_hash(*parts) -> str:
     return digest.hexdigest()
 
 
-def job_router(state, tenant) -> APIRouter:
+def jobs_router(state) -> APIRouter:
     """The routes, over `state` (`state.jobs`: an `adapters_store.jobs.JobQueue`; `state.registry`, `state.image`,
-    `state.config`) with `tenant` the dependency that turns an API key into a tenant name."""
-    router = APIRouter()
-    config = state.config
+    `state.config`, and `state.tenant`: the dependency that turns an API key into a tenant name)."""
+    router = APIRouter(tags=["jobs"])
+    config, tenant = state.config, state.tenant
 
     @router.post("/v1/subjects", status_code=202)
     async def register_subject(t: str = Depends(tenant), name: str = Form(...), steps: int | None = Form(None),
@@ -82,7 +83,7 @@ def job_router(state, tenant) -> APIRouter:
         if state.registry.for_tenant(t).exists(name) or state.jobs.pending(t, name):
             raise VersionExists(f"subject {name!r} already exists or is being trained")
         job, _ = state.jobs.submit(t, name, data, steps, overrides, idempotency_key=key, request_hash=digest,
-                                   max_active=config.max_jobs)
+                                   admit=lambda mine, total: config.check_job_quota(t, mine, total))  # else 429
         return job.public()
 
     @router.get("/v1/jobs/{job_id}")

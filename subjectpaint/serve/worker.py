@@ -41,7 +41,11 @@ class PlaceAPI(ls.LitAPI):
         from adapters_store import Registry
 
         from ..studio import Studio
+        from ..quiet import quiet_third_party
+        from .lifecycle import die_with_parent
 
+        die_with_parent()  # a killed server leaves no worker behind
+        quiet_third_party()
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         self.router = TenantRouter(Registry(self.config.registry_url, self.config.blobs))
@@ -51,12 +55,6 @@ class PlaceAPI(ls.LitAPI):
 
     def decode_request(self, request):
         return request  # validated by the app; never raises (one bad row must not fail a batch)
-
-    def batch(self, inputs):
-        return list(inputs)
-
-    def unbatch(self, output):
-        return output
 
     def encode_response(self, output):
         return output
