@@ -96,3 +96,24 @@ def finish(result: dict, goals: dict[str, str]) -> dict:
     result["goal_met"] = all(result["goals_met"].values())
     print(json.dumps(result), flush=True)
     return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Calibrate the harness on a known ratio: a 4 ms and a 2 ms sleep, alternated and warmed like any bench's two
+    sides. Sleeps do not depend on how busy the CPU is, so the measured ratio must come out near 2 with an interval
+    that says so; a harness that pairs, orders or bounds the rounds wrongly fails its goals."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="calibrate bench/_stats.py on two sleeps of known ratio 2")
+    parser.add_argument("--quick", action="store_true", help="9 rounds (under a second)")
+    parser.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 31, 9 with --quick)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (9 if args.quick else 31)
+    times = alternate({"slow": lambda: time.sleep(0.004), "fast": lambda: time.sleep(0.002)}, repeats)
+    result = {"bench": "_stats", "quick": args.quick, "expected_ratio": 2.0,
+              **ratio_stats(times["slow"], times["fast"])}
+    return finish(result, {"ratio": ">= 1.5", "ratio_hi": "<= 2.5"})
+
+
+if __name__ == "__main__":
+    main()
