@@ -19,24 +19,14 @@ from litserve.utils import wrap_litserve_start  # noqa: E402
 from adapters_store import Registry  # noqa: E402
 from subjectpaint import Studio, Subject  # noqa: E402
 from subjectpaint.base import ExemplarInpainter  # noqa: E402
-from subjectpaint.demo.scenes import EVAL_SEEDS, HELDOUT_PRODUCT_SEEDS, Product, make_scene, product_photos  # noqa: E402
+from subjectpaint.demo.scenes import EVAL_SEEDS, make_scene  # noqa: E402
 from subjectpaint.serve import ServeConfig, build_server  # noqa: E402
+
+from .serve_helpers import b64, photos, png  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def b64(image) -> str:
-    return base64.b64encode(png(image)).decode()
-
-
-def photos(k):
-    return [p.image.resize((32, 32)) for p in product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[k]), 2)]
 
 
 @pytest.fixture(scope="module")

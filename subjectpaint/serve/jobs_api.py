@@ -86,18 +86,18 @@ def jobs_router(state) -> APIRouter:
                                    admit=lambda mine, total: config.check_job_quota(t, mine, total))  # else 429
         return job.public()
 
+    def found(job, job_id: str):
+        if job is None:  # unknown, or another tenant's: the same answer
+            raise HTTPException(404, f"job {job_id!r} not found")
+        return job
+
     @router.get("/v1/jobs/{job_id}")
     def get_job(job_id: str, t: str = Depends(tenant)):
-        job = state.jobs.get(t, job_id)
-        if job is None:
-            raise HTTPException(404, f"job {job_id!r} not found")
-        return job.public()
+        return found(state.jobs.get(t, job_id), job_id).public()
 
     @router.delete("/v1/jobs/{job_id}")
     def cancel_job(job_id: str, t: str = Depends(tenant)):
-        job = state.jobs.cancel(t, job_id)
-        if job is None:
-            raise HTTPException(404, f"job {job_id!r} not found")
+        job = found(state.jobs.cancel(t, job_id), job_id)
         if job.state != "cancelled":
             return JSONResponse({"detail": f"job {job_id!r} has ended ({job.state})", "job": job.public()}, 409)
         return job.public()
