@@ -12,11 +12,16 @@ and cross-attention 768 (859.5M params), CLIP ViT-L/14 vision (24 layers, 1024 w
    subprocess, alternated `--repeats` times: ours = `Subject.train(..., "paint-by-example", steps=..)` (annotation,
    data, Lightning, export, registry); the peer = a plain diffusers + PEFT loop (`unet.add_adapter`, AdamW, the same
    objective written out, `torch.autocast` for mixed precision) on random tensors of the same shapes. Step time:
-   start-to-start of optimizer steps after `--warmup` (CPU: process CPU time, see `clock`); peak memory: the
-   training's high-water mark above the memory held just before it (CUDA: max_memory_allocated; CPU: VmHWM reset
-   through /proc/self/clear_refs). Each subprocess first runs its side once on the tiny base (`warm_up`). Ours' window
-   is the Lightning fit (on_train_start to on_train_end), as the peer's is its loop; `subject_train_peak_*` is the
-   whole Subject.train call (annotation and data preparation too).
+   start-to-start of optimizer steps after `--warmup` (CPU: process CPU time, see `clock`); peak memory: the most
+   the training allocates above what was allocated when it began, counted by torch itself (CUDA:
+   max_memory_allocated; CPU: the profiler's memory events, see `Window`). On CPU the resident high-water mark
+   (VmHWM) is reported beside it (`*_rss_peak_mb`): it adds the allocator's pools and fragmentation. Every weight is
+   read once before any window opens (`prefault`): the safetensors loader maps the weight file, and pages first
+   touched inside a window would otherwise count as training memory (at 256 px that was 6-7 GB of a side's VmHWM
+   rise against 0.17 GB allocated, and it decided which side looked bigger). Each subprocess first runs its side
+   once on the tiny base (`warm_up`). Ours' window is the Lightning fit (on_train_start to on_train_end), as the
+   peer's is its loop; `subject_train_peak_*` is the whole Subject.train call (annotation and data preparation too;
+   CPU: VmHWM, against the peer's VmHWM).
    Ratios ours / peer of the median step and of the peak, with a bootstrap 95% interval for the time.
 2. Placement (in the last "ours" subprocess): the adapter's stored bytes; `studio.inpaint(room, mask, subject)`,
    `studio.progressive().place`, `studio.dual_branch().place` (`placed` counts those that returned an image of the
@@ -133,6 +138,64 @@ def peak(device: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
+class Window:
+    """What a stretch of training adds above what was held when it began.
+
+    `close()` -> (allocated, rss): `allocated` is torch's own count of its allocations, the goal's measure. CUDA:
+    max_memory_allocated above memory_allocated at the start. CPU (no allocator statistics there): the profiler's
+    memory events, in which torch's CPU allocator reports every allocation made while profiling and its running
+    total; frees of tensors made before the window are not reported, so the figure can only overstate. `rss` (CPU
+    only): the VmHWM rise, which adds glibc's pools and fragmentation."""
+
+    def __init__(self, device: str):
+        self.device, self.profiler = device, None
+
+    def open(self) -> "Window":
+        import torch
+
+        self.held = reset_peak(self.device)
+        if self.device != "cuda":
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                   profile_memory=True)
+            self.profiler.start()
+        return self
+
+    def close(self) -> tuple[int, int | None]:
+        top = peak(self.device)  # before the profiler's own post-processing allocates
+        self.high = top
+        if self.profiler is None:
+            return top - self.held, None
+        self.profiler.stop()
+        return cpu_allocation_peak(self.profiler), top - self.held
+
+
+def cpu_allocation_peak(profiler) -> int:
+    """The highest running total of CPU bytes allocated while `profiler` ran, above the total when it started."""
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    if not events:
+        return 0
+    events.sort()
+    start = events[0][1] - events[0][2]
+    return max(total for _, total, _ in events) - start
+
+
+def prefault(base) -> None:
+    """Read every weight and buffer once, so their pages are resident before any memory window opens."""
+    import torch
+
+    with torch.no_grad():
+        for module in (base.unet, base.vae, base.image_encoder):
+            for t in (*module.parameters(), *module.buffers()):
+                t.sum()
+
+
 def sync(device: str) -> None:
     import torch
 
@@ -150,9 +213,10 @@ def clock(device: str) -> float:
 
 
 def train_ours(base, args, device, workdir):
-    """Subject.train with the paint-by-example preset; returns (step times, (fit's peak bytes, the whole call's peak
-    bytes), studio, subject). The fit's window opens at Lightning's on_train_start (after annotation and data
-    preparation) and closes at on_train_end, as the peer's loop does; the whole call's spans Subject.train."""
+    """Subject.train with the paint-by-example preset; returns (step times, (fit's allocated peak, fit's rss peak,
+    the whole call's peak), studio, subject). The fit's window opens at Lightning's on_train_start (after annotation
+    and data preparation) and closes at on_train_end, as the peer's loop does; the whole call's spans Subject.train
+    (`peak`: CUDA allocated, CPU VmHWM)."""
     import lightning as L
 
     from adapters_store import Registry
@@ -173,11 +237,11 @@ def train_ours(base, args, device, workdir):
 
         def on_train_start(self, trainer, module):
             self.before = peak(device)  # the call's high-water mark so far (annotation, data preparation)
-            self.fit_start = reset_peak(device)
+            self.window = Window(device).open()
 
         def on_train_end(self, trainer, module):
             self.on_train_batch_start(trainer, module, None, 0)
-            self.fit_peak = peak(device)
+            self.fit = self.window.close()
 
     studio = Studio(base, registry=Registry(f"sqlite:///{workdir}/registry.db", f"{workdir}/blobs"))
     shots = photos(base.resolution)
@@ -187,8 +251,8 @@ def train_ours(base, args, device, workdir):
                             accumulate=args.accumulate, precision=args.precision,
                             gradient_checkpointing=args.checkpointing, detector=None, progress=False,
                             callbacks=[clock_cb])
-    whole = max(clock_cb.before, clock_cb.fit_peak, peak(device)) - start
-    return times[args.warmup:], (clock_cb.fit_peak - clock_cb.fit_start, whole), studio, subject
+    whole = max(clock_cb.before, clock_cb.window.high, peak(device)) - start
+    return times[args.warmup:], (*clock_cb.fit, whole), studio, subject
 
 
 def train_peer(base, args, device):
@@ -214,7 +278,7 @@ def train_peer(base, args, device):
     crop = base.feature_extractor.crop_size
     size, ref = base.resolution, int(crop if isinstance(crop, (int, float)) else crop["height"])
     times, last = [], None
-    start = reset_peak(device)  # the batch is inside the window, as ours' data loading is
+    window = Window(device).open()  # the batch is inside the window, as ours' data loading is
     g = torch.Generator(device=device).manual_seed(0)
     target = torch.rand(micro, 3, size, size, generator=g, device=device) * 2 - 1
     mask = torch.zeros(micro, 1, size, size, device=device)
@@ -253,7 +317,7 @@ def train_peer(base, args, device):
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-    return times[args.warmup:], peak(device) - start
+    return times[args.warmup:], window.close()
 
 
 def place_and_swap(studio, subject, device, steps: int) -> dict:
@@ -331,13 +395,16 @@ def child(args) -> None:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     warm_up(args, device)
     base = load_base(args.base_dir, device, args.base_dtype)
+    prefault(base)
     if args.side == "peer":
-        times, mem = train_peer(base, args, device)
-        out = {"side": "peer", "times": times, "peak_bytes": mem}
+        times, (mem, rss_mem) = train_peer(base, args, device)
+        out = {"side": "peer", "times": times, "peak_bytes": mem, "rss_peak_bytes": rss_mem,
+               "call_peak_bytes": rss_mem if device != "cuda" else mem}
     else:
         with tempfile.TemporaryDirectory(prefix="real-shape-") as work:
-            times, (mem, whole), studio, subject = train_ours(base, args, device, work)
-            out = {"side": "ours", "times": times, "peak_bytes": mem, "call_peak_bytes": whole,
+            times, (mem, rss_mem, whole), studio, subject = train_ours(base, args, device, work)
+            out = {"side": "ours", "times": times, "peak_bytes": mem, "rss_peak_bytes": rss_mem,
+                   "call_peak_bytes": whole,
                    "adapter_bytes": subject.record.byte_size,
                    "dtype": str(base.dtype).replace("torch.", ""), "unet_params": sum(
                        p.numel() for p in base.unet.parameters())}
@@ -400,11 +467,15 @@ def main(argv=None):
                     raise SystemExit(f"{side} run failed ({proc.returncode})")
                 results[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(f"{side}: median step {statistics.median(results[side][-1]['times']):.3f} s, peak "
-                      f"{results[side][-1]['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+                      f"{results[side][-1]['peak_bytes'] / 2**20:.1f} MiB allocated", flush=True)
     ours_t = [t for r in results["ours"] for t in r["times"]]
     peer_t = [t for r in results["peer"] for t in r["times"]]
     ours_m = min(r["peak_bytes"] for r in results["ours"])
     peer_m = min(r["peak_bytes"] for r in results["peer"])
+    rss = {side: (min(r["rss_peak_bytes"] for r in results[side]) if results[side][0]["rss_peak_bytes"] is not None
+                  else None) for side in results}
+    peer_call = min(r["call_peak_bytes"] for r in results["peer"])
+    ours_call = min(r["call_peak_bytes"] for r in results["ours"])
     last = results["ours"][-1]
     lo, hi = ratio_interval(ours_t, peer_t)
     summary = {
@@ -417,9 +488,12 @@ def main(argv=None):
         "train_time_ratio_ci95": [round(lo, 4), round(hi, 4)],
         "ours_peak_mb": round(ours_m / 2**20, 1), "peer_peak_mb": round(peer_m / 2**20, 1),
         "train_peak_mem_ratio_vs_peft": round(ours_m / max(peer_m, 1), 4),
-        "subject_train_peak_mb": round(min(r["call_peak_bytes"] for r in results["ours"]) / 2**20, 1),
-        "subject_train_peak_mem_ratio_vs_peft": round(min(r["call_peak_bytes"] for r in results["ours"])
-                                                      / max(peer_m, 1), 4),
+        "memory_measure": "cuda max_memory_allocated" if last["device"] != "cpu" else "cpu allocator (profiler)",
+        "ours_rss_peak_mb": None if rss["ours"] is None else round(rss["ours"] / 2**20, 1),
+        "peer_rss_peak_mb": None if rss["peer"] is None else round(rss["peer"] / 2**20, 1),
+        "train_rss_peak_ratio_vs_peft": None if rss["ours"] is None else round(rss["ours"] / max(rss["peer"], 1), 4),
+        "subject_train_peak_mb": round(ours_call / 2**20, 1),
+        "subject_train_peak_mem_ratio_vs_peft": round(ours_call / max(peer_call, 1), 4),
         "adapter_bytes": last["adapter_bytes"], "placed": last.get("placed", 0), "place_s": last.get("place_s"),
         "swap_cold_ms": last.get("swap_cold_ms"), "swap_warm_ms": last.get("swap_warm_ms"),
         "minutes": round((time.time() - started) / 60, 2), "goals": GOALS,

@@ -46,7 +46,7 @@ def build(quick: bool, batch: int, device: str):
     from subjectpaint.base import ExemplarInpainter
     from subjectpaint.demo.scenes import HELDOUT_PRODUCT_SEEDS, Product, make_room, product_photos
     from trainers.annotate import foreground_box
-    from trainers.data import SubjectDataModule
+    from trainers.data import SubjectDataModule, signed_target
 
     try:
         base = ExemplarInpainter.tiny(0) if quick else ExemplarInpainter.demo()
@@ -59,6 +59,7 @@ def build(quick: bool, batch: int, device: str):
                                       backgrounds=[make_room(s, size) for s in range(4)], batch_size=batch, seed=0)
     items = [data.dataset[i] for i in range(batch)]
     fixed = {k: torch.stack([it[k] for it in items]) for k in ("target", "mask", "reference")}
+    fixed["target"], fixed["mask"] = signed_target(fixed["target"]), fixed["mask"].float()  # as the VAE takes them
     return base, fixed
 
 

@@ -1,12 +1,14 @@
 """SubjectDataModule: deterministic per sample, masks cover the product, composites vary, sampler splits ranks."""
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 from subjectpaint.demo.scenes import HELDOUT_PRODUCT_SEEDS, Product, make_room, product_photos
 from trainers.annotate import foreground_box
-from trainers.data import StepSampler, SubjectData, SubjectDataModule, prepare, upright_angle
+from trainers.data import (StepSampler, SubjectData, SubjectDataModule, prepare, signed_target, to_uint8, to_unit,
+                           upright_angle)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +34,14 @@ def test_shapes_ranges_and_mask_covers_the_product(data):
     for i in range(40):
         item = ds[i]
         assert item["target"].shape == (3, 64, 64) and item["mask"].shape == (1, 64, 64)
-        assert item["target"].min() >= -1 and item["target"].max() <= 1
-        assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
-        frac = item["mask"].mean().item()
+        assert item["target"].dtype == item["mask"].dtype == torch.uint8  # a quarter of float32's bytes
+        signed = signed_target(item["target"])
+        assert signed.dtype == torch.float32 and signed.min() >= -1 and signed.max() <= 1
+        assert set(item["mask"].unique().tolist()) <= {0, 1}
+        frac = item["mask"].float().mean().item()
         assert 0.02 < frac < 0.9
         # the product (pixels unlike the photo backdrop) lies inside the mask
-        rgb = (item["target"] + 1) / 2 * 255
+        rgb = item["target"].float()
         backdrop = torch.tensor(ds.cutouts[0].backdrop, dtype=torch.float32)[:, None, None]
         if (rgb[:, :2, :] - backdrop).abs().max() > 40:  # a composite: a room behind the product
             composites += 1
@@ -210,3 +214,14 @@ def test_placement_masks_are_the_products_placement_box_and_cover_its_shadow():
     masks = [ds.mask((20, 20, 40, 50), np.random.default_rng([8, i]), None) for i in range(12)]
     assert len({tuple(m.flatten().tolist()) for m in masks}) > 6
     assert any(not torch.equal(m, box_mask((64, 64), mask_box(m))) for m in masks)  # not a rectangle
+
+
+def test_signed_target_is_exactly_the_float_form_of_the_image(data):
+    """uint8 samples change no training input: their float form is bit-equal to `to_unit(image) * 2 - 1`."""
+    rng = np.random.default_rng(0)
+    image = PIL.Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+
+    assert torch.equal(signed_target(to_uint8(image)), to_unit(image) * 2 - 1)
+    signed = to_unit(image) * 2 - 1
+    again = signed_target(signed)  # a float target is copied (the trainer masks its copy in place)
+    assert torch.equal(again, signed) and again.data_ptr() != signed.data_ptr()

@@ -184,3 +184,22 @@ def test_progress_bar_shows_the_label_not_a_negative_epoch_total(setup, capsys):
     shown = shown.out + shown.err
     assert "training blue-mug" in shown and "3/3" in shown
     assert "/-2" not in shown and "Epoch" not in shown
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_freed_right_after_the_optimizer_step(setup, accumulate):
+    """No gradient lives through the next step's forward pass (Lightning alone clears them only after it), and
+    accumulation still sums over its micro-batches."""
+    base, data = setup
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append([p.grad is not None for p in module.parameters() if p.requires_grad])
+
+    module = SubjectLoRAModule(base, **KW, accumulate=accumulate)
+    fit(module, data(), 3, progress=False, callbacks=[Watch()], accumulate_grad_batches=accumulate)
+    assert len(seen) == 3 * accumulate
+    for i, grads in enumerate(seen):
+        mid_accumulation = i % accumulate != 0
+        assert all(grads) if mid_accumulation else not any(grads), (i, grads[:3])

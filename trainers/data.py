@@ -1,7 +1,8 @@
 """SubjectDataModule: a few product photos -> Paint-by-Example training samples (shared/papers/paint-by-example.txt
 3.2.2, shared/papers/lora-image-guided-inpainting.txt 4.1/4.3).
 
-Every sample is (target, mask, reference):
+Every sample is (target, mask, reference), target and mask as uint8 (`signed_target` gives the VAE's float form; a
+batch that Lightning prefetches costs a quarter of float32's memory):
 - target: a photo itself, or the product cut out with its foreground matte and composited onto a background
   (any list of images: the user's rooms, or the demo preset's procedural rooms), at a random scale, position and
   brightness; optionally stood upright (the photo's tilt undone, `upright_angle`) and with a soft contact shadow under it, since a
@@ -38,6 +39,19 @@ from .annotate import Annotation, decontaminate
 
 def to_unit(img: PIL.Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32).transpose(2, 0, 1).copy()) / 255.0
+
+
+def to_uint8(img: PIL.Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8 RGB: how a sample carries its target (a quarter of float32's bytes, exact for an 8-bit image)."""
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def signed_target(target: torch.Tensor) -> torch.Tensor:
+    """A batch's target as the VAE takes it, a new float32 tensor in [-1, 1]: from uint8 RGB (the samples' form)
+    exactly as `to_unit(image) * 2 - 1` computes it, or a copy of a float target already in [-1, 1]."""
+    if target.dtype == torch.uint8:
+        return target.float() / 255.0 * 2 - 1
+    return target.to(torch.float32, copy=True)
 
 
 @dataclass(frozen=True)
@@ -260,7 +274,7 @@ class SubjectData(Dataset):
             torch.manual_seed(int(rng.integers(2**31)))
             reference = self.reference_augment(self.reference(ref_cut)).clamp(0, 1)
         reference = v2.functional.normalize(reference, self.mean, self.std)
-        return {"target": to_unit(image) * 2 - 1, "mask": mask[None], "reference": reference,
+        return {"target": to_uint8(image), "mask": mask[None].to(torch.uint8), "reference": reference,
                 "index": torch.tensor(int(i))}
 
 

@@ -31,6 +31,8 @@ from subjectpaint.base import LORA_TARGETS as DEFAULT_TARGETS
 from subjectpaint.base import PREDICTION_TYPES, ExemplarInpainter, denoising_target
 from subjectpaint.errors import InvalidArgument
 
+from .data import signed_target
+
 ADAPTER = "subject"
 # The frozen VAE and image encoder stay in eval mode on purpose; Lightning's notice about it is noise here.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -141,29 +143,44 @@ class SubjectLoRAModule(L.LightningModule):
         # LoRA dropout draws from the global generator: pin it to the step too
         torch.manual_seed(_step_seed(self.seed, self._micro_step(batch_idx), self.global_rank) + 1)
 
+    @torch.no_grad()
+    def _inputs(self, batch, g: torch.Generator):
+        """(UNet input, timesteps, condition, loss target) for `batch`. One full-size float image lives through the two
+        VAE passes (the step's high-water mark; masked in place for the second) and none through the UNet's."""
+        mask, reference = batch["mask"], batch["reference"]
+        b, device = mask.shape[0], mask.device
+        scale, dtype = self.vae.config.scaling_factor, self.unet.dtype
+        image = signed_target(batch["target"])  # a copy of its own
+        latents = self.vae.encode(image.to(dtype)).latent_dist.sample(generator=g) * scale
+        hole = mask > 0.5
+        masked = self.vae.encode(image.masked_fill_(hole, 0).to(dtype)).latent_dist.sample(generator=g) * scale
+        del image
+        keep = 1.0 - hole.float()
+        cond = self.image_encoder(reference.to(dtype))
+        uncond = self.image_encoder.uncond_vector.to(cond.dtype).expand_as(cond)
+        dropped = torch.rand(b, 1, 1, generator=g, device=device) < self.drop
+        cond = torch.where(dropped, uncond, cond)
+        keep_small = F.interpolate(keep, size=latents.shape[-2:]).to(dtype)
+        noise = torch.randn(latents.shape, generator=g, device=device, dtype=latents.dtype)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=g, device=device)
+        noisy = self.noise.add_noise(latents, noise, t)
+        return torch.cat([noisy, masked, keep_small], 1), t, cond, denoising_target(self.noise, latents, noise, t)
+
     def training_step(self, batch, batch_idx):
-        target, mask, reference = batch["target"], batch["mask"], batch["reference"]
-        b, device = target.shape[0], target.device
         step = self._micro_step(batch_idx)
+        device = batch["mask"].device
         g = torch.Generator(device=device).manual_seed(_step_seed(self.seed, step, self.global_rank))
-        scale = self.vae.config.scaling_factor
-        dtype = self.unet.dtype
-        with torch.no_grad():
-            keep = 1.0 - (mask > 0.5).float()
-            latents = self.vae.encode(target.to(dtype)).latent_dist.sample(generator=g) * scale
-            masked = self.vae.encode((target * keep).to(dtype)).latent_dist.sample(generator=g) * scale
-            cond = self.image_encoder(reference.to(dtype))
-            uncond = self.image_encoder.uncond_vector.to(cond.dtype).expand_as(cond)
-            dropped = torch.rand(b, 1, 1, generator=g, device=device) < self.drop
-            cond = torch.where(dropped, uncond, cond)
-            keep_small = F.interpolate(keep, size=latents.shape[-2:]).to(dtype)
-            noise = torch.randn(latents.shape, generator=g, device=device, dtype=latents.dtype)
-            t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=g, device=device)
-            noisy = self.noise.add_noise(latents, noise, t)
-        pred = self.unet(torch.cat([noisy, masked, keep_small], 1), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred.float(), denoising_target(self.noise, latents, noise, t).float())
-        self.log("loss", loss, prog_bar=True, batch_size=b)
+        x, t, cond, target = self._inputs(batch, g)
+        pred = self.unet(x, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        self.log("loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer.step(closure=optimizer_closure)
+        # Free the gradients now: Lightning clears them only after the next step's forward pass (before its backward),
+        # so they would otherwise sit through that forward's activations, the training's high-water mark.
+        optimizer.zero_grad(set_to_none=True)
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
