@@ -213,3 +213,22 @@ def test_serve_load_counts_unanswered_at_the_deadline():
                             transport=httpx.MockTransport(handler)))
     assert out["ok"] == 1 and out["failed"] == 2 and out["lost"] == 1
     assert out["failures"] == {"lost: unanswered at the deadline": 1, "error: never sent": 1}
+
+
+def test_real_shape_memory_measure_counts_what_is_allocated_and_fails_when_blind():
+    """real_shape's CPU measure: the peak of torch's own allocations in a window (a freed tensor does not add to a
+    later one), and an error, not a zero, when the profiler saw no allocation at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.real_shape import Window, cpu_allocation_peak
+
+    window = Window("cpu").open()
+    a = torch.ones(4 << 20, dtype=torch.uint8)  # 4 MiB
+    del a
+    b = torch.ones(2 << 20, dtype=torch.uint8)  # 2 MiB, after the 4 MiB one is freed
+    allocated, rss = window.close()
+    assert 4 << 20 <= allocated < (4 << 20) + (1 << 16) and rss is not None and b.numel()
+    with profile(activities=[ProfilerActivity.CPU]) as blind:  # memory events off: the measure cannot see
+        torch.ones(1 << 20)
+    with pytest.raises(RuntimeError, match="no CPU allocations"):
+        cpu_allocation_peak(blind)
