@@ -17,24 +17,14 @@ from adapters_store import Registry
 from subjectpaint import Studio, Subject
 from subjectpaint.base import DEMO_FINGERPRINT, ExemplarInpainter
 from subjectpaint.cli import main
-from subjectpaint.demo.scenes import EVAL_SEEDS, HELDOUT_PRODUCT_SEEDS, Product, make_scene, product_photos
+from subjectpaint.demo.scenes import EVAL_SEEDS, HELDOUT_PRODUCT_SEEDS, Product, make_scene
 from subjectpaint.errors import InvalidArgument
 from trainers.recipe import FIELDS, PRESETS, TrainRecipe, background_source
 from trainers.train import recipe_from_metadata
 
+from .train_helpers import photos, studio  # noqa: F401  (fixtures)
+
 FAST = dict(steps=2, batch_size=2, detector=None, progress=False)
-
-
-@pytest.fixture
-def studio(tmp_path, tiny_base):
-    registry = Registry(f"sqlite:///{tmp_path}/registry.db", str(tmp_path / "blobs"))
-    yield Studio(tiny_base, registry=registry)
-    registry.close()
-
-
-@pytest.fixture(scope="module")
-def photos():
-    return [p.image.resize((32, 32)) for p in product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[5]), 3)]
 
 
 def written(tmp_path):

@@ -18,19 +18,9 @@ from subjectpaint.errors import (BaseMismatch, InvalidArgument, InvalidImage, In
 from subjectpaint.subject import SubjectExists
 from trainers.recipe import PRESETS
 
+from .train_helpers import photos, studio  # noqa: F401  (fixtures)
+
 FAST = dict(steps=3, batch_size=2, detector=None, progress=False)
-
-
-@pytest.fixture
-def studio(tmp_path, tiny_base):
-    registry = Registry(f"sqlite:///{tmp_path}/registry.db", str(tmp_path / "blobs"))
-    yield Studio(tiny_base, registry=registry)
-    registry.close()
-
-
-@pytest.fixture(scope="module")
-def photos():
-    return [p.image.resize((32, 32)) for p in product_photos(Product.from_seed(HELDOUT_PRODUCT_SEEDS[5]), 3)]
 
 
 def blobs(tmp_path):
