@@ -1,5 +1,5 @@
 """An in-process `subjectpaint serve` (LitServe worker + FastAPI TestClient) on the tiny base, with tenants, keys and
-subjects, for the hardening and fuzz tests."""
+subjects, for the serving, hardening and fuzz tests."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ def photos(k: int):
 
 
 @contextmanager
-def served(tmp, subjects=(("acme", "mug", 1), ("globex", "vase", 3)), **config):
-    """Yield dict(client, keys, reg, scene, state): a running in-process server over a fresh registry in `tmp`."""
+def served(tmp, subjects=(("acme", "mug", 1), ("globex", "vase", 3)), *, raise_server_exceptions=False, **config):
+    """Yield dict(client, keys, reg, scene, state): a running in-process server over a fresh registry in `tmp`
+    (`config`: ServeConfig fields over the defaults below; `raise_server_exceptions` goes to the TestClient)."""
     from fastapi.testclient import TestClient
     from litserve.utils import wrap_litserve_start
 
@@ -53,7 +54,7 @@ def served(tmp, subjects=(("acme", "mug", 1), ("globex", "vase", 3)), **config):
                    max_upload_bytes=100_000, max_side=256, max_photos=4, max_jobs=4, max_batch_size=4,
                    batch_timeout=0.05, place_steps=2, max_place_steps=8, torch_threads=1)
     server, state = build_server(ServeConfig(**{**options, **config}))
-    with wrap_litserve_start(server) as server, TestClient(server.app, raise_server_exceptions=False) as client:
+    with wrap_litserve_start(server) as server, TestClient(server.app, raise_server_exceptions=raise_server_exceptions) as client:
         for _ in range(1200):
             if client.get("/health").status_code == 200:
                 break

@@ -16,45 +16,19 @@ pytest.importorskip("litserve")
 from fastapi.testclient import TestClient  # noqa: E402
 from litserve.utils import wrap_litserve_start  # noqa: E402
 
-from adapters_store import Registry  # noqa: E402
-from subjectpaint import Studio, Subject  # noqa: E402
-from subjectpaint.base import ExemplarInpainter  # noqa: E402
-from subjectpaint.demo.scenes import EVAL_SEEDS, make_scene  # noqa: E402
 from subjectpaint.serve import ServeConfig, build_server  # noqa: E402
 
-from .serve_helpers import b64, photos, png  # noqa: E402
+from .serve_helpers import b64, photos, png, served  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    url, blobs = f"sqlite:///{tmp}/registry.db", str(tmp / "blobs")
-    reg = Registry(url, blobs)
-    keys = {}
-    for tenant in ("acme", "globex", "admin"):
-        reg.create_tenant(tenant)
-        keys[tenant] = reg.issue_key(tenant)
-    base = ExemplarInpainter.tiny(0)
-    for tenant, name, k in (("acme", "mug", 1), ("acme", "lamp", 2), ("globex", "vase", 3)):
-        view = reg.for_tenant(tenant)
-        Subject.train(photos(k), name, Studio(base, registry=view), registry=view, steps=2, batch_size=2,
-                      detector=None, progress=False)
-    config = ServeConfig(base="tiny", registry_url=url, blobs=blobs, train_steps=3, train_batch_size=2,
-                         max_upload_bytes=100_000, max_side=256, max_photos=4, max_jobs=2, max_batch_size=4,
-                         batch_timeout=0.3, place_steps=2, max_place_steps=8, torch_threads=1)
-    server, state = build_server(config)
-    with wrap_litserve_start(server) as server, TestClient(server.app) as client:
-        for _ in range(600):
-            if client.get("/health").status_code == 200:
-                break
-            time.sleep(0.1)
-        scene = make_scene(EVAL_SEEDS[0], 32)
-        yield dict(client=client, keys=keys, reg=reg, scene=scene, state=state)
-    reg.close()
+    subjects = (("acme", "mug", 1), ("acme", "lamp", 2), ("globex", "vase", 3))
+    with served(tmp_path_factory.mktemp("serve"), subjects, raise_server_exceptions=True, max_jobs=2,
+                batch_timeout=0.3) as env:
+        yield env
 
 
 def place_body(env, subject="mug", **extra):
