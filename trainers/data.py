@@ -37,13 +37,14 @@ from .annotate import Annotation, decontaminate
 
 
 
-def to_unit(img: PIL.Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32).transpose(2, 0, 1).copy()) / 255.0
-
-
 def to_uint8(img: PIL.Image.Image) -> torch.Tensor:
     """(3, H, W) uint8 RGB: how a sample carries its target (a quarter of float32's bytes, exact for an 8-bit image)."""
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def to_unit(img: PIL.Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 RGB in [0, 1]."""
+    return to_uint8(img).float() / 255.0
 
 
 def signed_target(target: torch.Tensor) -> torch.Tensor:
